@@ -1,0 +1,50 @@
+"""Checkpointing, divergence and stop-point callbacks. Step numbers are optimizer iterations."""
+
+import math
+
+import keras
+
+
+class Diverged(Exception):
+    """The loss stopped being finite."""
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops at the first step whose loss is NaN or Inf, before anything saves the broken weights.
+
+    Must come before CheckpointSaver in the callback list."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss} at step {int(self.model.optimizer.iterations)}")
+
+
+class CheckpointSaver(keras.callbacks.Callback):
+    """Saves every `every` steps and at each epoch end; stops the run once `stop_after` steps are done."""
+
+    def __init__(self, manager, every=0, stop_after=0, saved_step=-1):
+        super().__init__()
+        self.manager = manager
+        self.saved_step = saved_step
+        self.every = every
+        self.stop_after = stop_after
+        self.stopped_early = False
+
+    def _save(self):
+        step = int(self.model.optimizer.iterations)
+        if step != self.saved_step:
+            self.manager.save(checkpoint_number=step)
+            self.saved_step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if self.every and step % self.every == 0:
+            self._save()
+        if self.stop_after and step >= self.stop_after:
+            self._save()
+            self.stopped_early = True
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save()

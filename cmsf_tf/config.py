@@ -1,0 +1,131 @@
+"""The only place absl FLAGS are defined and read.
+
+`from_flags()` validates every flag at start-up and returns a frozen `Config`; library code takes plain
+arguments from it. Any problem is raised as `UsageError` with one sentence for the user.
+"""
+
+import dataclasses
+
+from absl import flags
+
+from cmsf_tf.data import sources
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one sentence, exit code 2."""
+
+
+_METHODS = ("byol", "msf")  # checked against cmsf_tf.methods.METHODS by the tests
+_ARCHS = ("resnet50", "resnet18", "resnet18_small")
+_STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_PRECISIONS = ("float32", "bfloat16", "float16")
+
+flags.DEFINE_string("method", "msf", f"Training method: {', '.join(_METHODS)}.")
+flags.DEFINE_string("dataset", "fashion_mnist", f"Data set: {', '.join(sources.DATASETS)}.")
+flags.DEFINE_string("data_dir", "", "Directory of the data set (default: the data set's usual place).")
+flags.DEFINE_string("model_dir", None, "Where the run writes flags.json, checkpoints/, tensorboard/, result.json.")
+flags.DEFINE_string("arch", "resnet50", f"Backbone: {', '.join(_ARCHS)} (resnet18_small: 3x3 stem for 28-64 px).")
+flags.DEFINE_integer("width", 64, "Channels of the first ResNet stage (64 = standard; smaller for CPU demos).")
+flags.DEFINE_integer("image_size", 224, "Side of the training and evaluation crops, in pixels.")
+flags.DEFINE_integer("epochs", 200, "Training epochs.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size (over all replicas).")
+flags.DEFINE_float("learning_rate", 0.05, "Peak SGD learning rate (used as given; not rescaled by batch size).")
+flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up before the cosine decay.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 1e-4, "L2 penalty on every weight (PyTorch SGD weight_decay semantics).")
+flags.DEFINE_float("ema_momentum", 0.99, "Target network EMA momentum m: target = m*target + (1-m)*online.")
+flags.DEFINE_integer("bank_size", 128000, "Rows of the memory bank; a multiple of --batch_size.")
+flags.DEFINE_integer("topk", 5, "Neighbours the query is pulled towards (byol uses 1).")
+flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
+flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
+flags.DEFINE_string("strategy", "default", f"tf.distribute strategy: {', '.join(_STRATEGIES)}.")
+flags.DEFINE_integer("cpu_devices", 1, "With --strategy=mirrored and no GPU: logical CPU devices to mirror over.")
+flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
+flags.DEFINE_string("mixed_precision", "float32", f"Compute dtype policy: {', '.join(_PRECISIONS)}.")
+flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentations.")
+flags.DEFINE_integer("steps_per_epoch", 0, "Cap on steps per epoch (0: the whole training set), for smoke runs.")
+flags.DEFINE_integer("checkpoint_steps", 500, "Also checkpoint every this many steps (0: only at epoch ends).")
+flags.DEFINE_integer("stop_after_steps", 0, "Stop (resumably) once this many global steps are done (0: never).")
+flags.DEFINE_integer("log_steps", 50, "Write step-level TensorBoard scalars every this many steps.")
+flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (bit-exact resume checks; slower).")
+flags.DEFINE_bool("knn_eval", True, "Evaluate 1-NN and 20-NN on the test split at the end into result.json.")
+flags.DEFINE_integer("eval_batch_size", 512, "Batch size of feature extraction.")
+flags.mark_flag_as_required("model_dir")
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    method: str
+    dataset: str
+    data_dir: str
+    model_dir: str
+    arch: str
+    width: int
+    image_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    warmup_epochs: int
+    momentum: float
+    weight_decay: float
+    ema_momentum: float
+    bank_size: int
+    topk: int
+    proj_hidden: int
+    proj_dim: int
+    strategy: str
+    cpu_devices: int
+    tpu: str
+    mixed_precision: str
+    seed: int
+    steps_per_epoch: int
+    checkpoint_steps: int
+    stop_after_steps: int
+    log_steps: int
+    deterministic: bool
+    knn_eval: bool
+    eval_batch_size: int
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def from_flags():
+    cfg = Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+    validate(cfg)
+    return cfg
+
+
+def _choice(value, name, choices):
+    if value not in choices:
+        raise UsageError(f"unknown --{name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def validate(cfg):
+    """Raises UsageError on the first problem with the flag values (data and paths are checked later)."""
+    _choice(cfg.method, "method", _METHODS)
+    _choice(cfg.arch, "arch", _ARCHS)
+    _choice(cfg.dataset, "dataset", sources.DATASETS)
+    _choice(cfg.strategy, "strategy", _STRATEGIES)
+    _choice(cfg.mixed_precision, "mixed_precision", _PRECISIONS)
+    for name in ("epochs", "batch_size", "bank_size", "topk", "image_size", "width", "cpu_devices",
+                 "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("steps_per_epoch", "checkpoint_steps", "stop_after_steps", "log_steps", "warmup_epochs",
+                 "proj_hidden", "proj_dim"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
+    if not cfg.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if not 0 <= cfg.ema_momentum < 1:
+        raise UsageError(f"--ema_momentum must be in [0, 1) (got {cfg.ema_momentum})")
+    if cfg.bank_size % cfg.batch_size:
+        raise UsageError(f"--bank_size {cfg.bank_size} is not a multiple of the global --batch_size "
+                         f"{cfg.batch_size}; a batch must never straddle the end of the bank")
+    if cfg.topk > cfg.bank_size:
+        raise UsageError(f"--topk {cfg.topk} is larger than --bank_size {cfg.bank_size}")
+    if cfg.cpu_devices > 1 and cfg.strategy != "mirrored":
+        raise UsageError("--cpu_devices > 1 needs --strategy=mirrored")

@@ -1,0 +1,91 @@
+"""Where training and evaluation images come from.
+
+A source gives every training example a stable dataset index 0..N-1 (its position in the source),
+which banks, per-image pools and label splits are keyed by.
+"""
+
+import dataclasses
+import gzip
+import os
+
+import numpy as np
+
+DEFAULT_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+DATASETS = ("fashion_mnist",)
+
+
+class DataError(Exception):
+    """A problem with the user's data, reported as one sentence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemorySource:
+    """A data set small enough to hold as uint8 arrays: images [N, H, W, C], labels [N]."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+    @property
+    def num_train(self):
+        return len(self.train_labels)
+
+    @property
+    def image_shape(self):
+        return self.train_images.shape[1:]
+
+
+def load(dataset, data_dir=""):
+    if dataset == "fashion_mnist":
+        return load_fashion_mnist(data_dir or DEFAULT_DIRS["fashion_mnist"])
+    raise DataError(f"unknown --dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+
+
+_FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def load_fashion_mnist(data_dir):
+    """Fashion-MNIST from its four IDX .gz files (Debian's dataset-fashion-mnist layout)."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} does not exist")
+    missing = [f for f in _FMNIST_FILES.values() if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        raise DataError(f"--data_dir {data_dir} does not hold Fashion-MNIST: missing {', '.join(missing)}")
+    arrays = {key: read_idx(os.path.join(data_dir, f)) for key, f in _FMNIST_FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise DataError(f"Fashion-MNIST {split} images and labels differ in count in {data_dir}")
+    return InMemorySource(
+        name="fashion_mnist",
+        train_images=arrays["train_images"][..., None],
+        train_labels=arrays["train_labels"].astype(np.int32),
+        test_images=arrays["test_images"][..., None],
+        test_labels=arrays["test_labels"].astype(np.int32),
+        num_classes=10,
+    )
+
+
+def read_idx(path):
+    """An IDX file (optionally gzipped) as a uint8 array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != header + int(np.prod(dims)):
+        raise DataError(f"{path} is truncated or corrupt (expected shape {dims})")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)

@@ -1,0 +1,45 @@
+"""Strategy selection and the cross-replica gather that keeps memory banks identical on every replica."""
+
+import tensorflow as tf
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def configure_cpu_devices(n):
+    """Split the CPU into n logical devices (for testing multi-replica code without accelerators).
+
+    Must run before TensorFlow creates any device, i.e. before the first op."""
+    if n > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+
+
+def make_strategy(name, cpu_devices=1, tpu=""):
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")][:max(cpu_devices, 1)]
+        return tf.distribute.MirroredStrategy(cpus)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def gather(*tensors):
+    """All-gathers each per-replica tensor along axis 0, in replica-id order.
+
+    Called inside the train step before writing a bank, so that every replica writes the same, complete
+    set of rows. `tf.identity` first: CPU collectives on a raw input tensor inside tf.function fail with
+    "destinations can not be empty" under MultiWorkerMirroredStrategy."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tensors
+    return tuple(ctx.all_gather(tf.identity(t), axis=0) for t in tensors)

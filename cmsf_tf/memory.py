@@ -1,0 +1,73 @@
+"""The memory bank: a ring buffer of past target embeddings with their labels and image indices.
+
+All state is `add_weight` variables, so Keras tracks it and `tf.train.Checkpoint(model=...)` saves it.
+Under tf.distribute the variables use ONLY_FIRST_REPLICA aggregation and the caller passes rows that
+were already gathered from every replica (`distribute.gather`): each replica then writes the same
+rows, and the single write that the strategy keeps is the complete one.
+"""
+
+import keras
+import tensorflow as tf
+
+from cmsf_tf import ops
+
+
+class MemoryBank(keras.layers.Layer):
+    """K rows of (embedding[D], label, true label, image index) plus a write pointer.
+
+    `labels` is what constraints compare against (training label, cluster id, pseudo-label, -1 for
+    none); `true_labels` is the ground truth, kept for monitoring only (purity), never for training.
+    """
+
+    def __init__(self, size, dim, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.size = int(size)
+        self.dim = int(dim)
+        keep_first = dict(trainable=False, aggregation="only_first_replica")
+        # Random unit rows, as in the reference code, so the first searches are well defined.
+        self.embeddings = self.add_weight(
+            shape=(self.size, self.dim),
+            initializer=_random_unit_rows(seed),
+            name="embeddings",
+            **keep_first,
+        )
+        self.labels = self.add_weight(
+            shape=(self.size,), initializer=keras.initializers.Constant(-1), dtype="int32",
+            name="labels", **keep_first)
+        self.true_labels = self.add_weight(
+            shape=(self.size,), initializer=keras.initializers.Constant(-1), dtype="int32",
+            name="true_labels", **keep_first)
+        self.image_indices = self.add_weight(
+            shape=(self.size,), initializer=keras.initializers.Constant(-1), dtype="int64",
+            name="image_indices", **keep_first)
+        self.pointer = self.add_weight(
+            shape=(), initializer="zeros", dtype="int64", name="pointer", **keep_first)
+        # Everything is created above; without this Keras' symbolic build in fit() would call us.
+        self.built = True
+
+    def write(self, embeddings, labels, true_labels, image_indices):
+        """Writes rows at the pointer (wrapping around) and advances it. Returns the row positions.
+
+        The rows must be identical on every replica (gathered first); see the module docstring.
+        """
+        n = tf.shape(embeddings, out_type=tf.int64)[0]
+        positions = (self.pointer + tf.range(n, dtype=tf.int64)) % self.size
+        # scatter_update writes in place (a full-bank assign would copy K x D every step) and, unlike
+        # scatter_nd_update, is implemented for mirrored variables.
+        self.embeddings.value.scatter_update(
+            tf.IndexedSlices(tf.cast(embeddings, self.embeddings.dtype), positions))
+        self.labels.value.scatter_update(tf.IndexedSlices(tf.cast(labels, tf.int32), positions))
+        self.true_labels.value.scatter_update(
+            tf.IndexedSlices(tf.cast(true_labels, tf.int32), positions))
+        self.image_indices.value.scatter_update(
+            tf.IndexedSlices(tf.cast(image_indices, tf.int64), positions))
+        self.pointer.assign((self.pointer + n) % self.size)
+        return positions
+
+
+def _random_unit_rows(seed):
+    def init(shape, dtype=None):
+        rows = tf.random.stateless_normal(shape, seed=[seed, 0x6D656D], dtype=tf.float32)
+        return tf.cast(ops.l2_normalize(rows), dtype or tf.float32)
+
+    return init

@@ -1,0 +1,9 @@
+"""--method name -> MeanShift subclass."""
+
+from cmsf_tf.methods.byol import BYOL
+from cmsf_tf.methods.msf import MSF
+
+METHODS = {
+    "byol": BYOL,
+    "msf": MSF,
+}

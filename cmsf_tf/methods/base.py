@@ -1,0 +1,145 @@
+"""MeanShift: the one keras.Model every method of the family is.
+
+It owns the online network (backbone, projector, predictor), the EMA target network (backbone,
+projector), the memory bank, the metrics and the train-step skeleton:
+
+  weak view  -> target -> t (unit, no gradient) -> gathered from all replicas -> written to the bank
+  strong view -> online + predictor -> q
+  neighbour sets of t in the bank (a method's hook) -> loss = sum_w w * mean_shift_loss(q, bank, set)
+
+A method overrides `neighbour_sets` (its constraint) and, when it constrains by labels, `bank_labels`.
+"""
+
+import keras
+import tensorflow as tf
+
+from cmsf_tf import distribute, ops
+from cmsf_tf.memory import MemoryBank
+from cmsf_tf.models import backbones, heads
+
+
+class MeanShift(keras.Model):
+    def __init__(self, *, arch, image_size, channels=3, width=64, proj_hidden=0, proj_dim=0,
+                 bank_size=128000, topk=5, ema_momentum=0.99, weight_decay=1e-4, sync_bn=False,
+                 seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.topk = int(topk)
+        self.ema_momentum = float(ema_momentum)
+        self.weight_decay = float(weight_decay)
+        feat = backbones.feature_dim(arch, width)
+        hidden, dim = heads.head_dims(feat, proj_hidden, proj_dim)
+        self.embedding_dim = dim
+
+        def encoder(prefix):
+            return (backbones.build_backbone(arch, image_size, channels, width, sync_bn, f"{prefix}_backbone"),
+                    heads.mlp(feat, hidden, dim, sync_bn, f"{prefix}_projector"))
+
+        self.online_backbone, self.online_projector = encoder("online")
+        self.predictor = heads.mlp(dim, hidden, dim, sync_bn, "predictor")
+        self.target_backbone, self.target_projector = encoder("target")
+        self.bank = MemoryBank(bank_size, dim, seed=seed, name="bank")
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.purity_tracker = keras.metrics.Mean(name="purity")
+        self._copy_online_to_target()
+
+    # ----- variables -----
+    @property
+    def online_variables(self):
+        """What the optimizer trains. The target's weights are 'trainable' only so that its BatchNorm
+        uses batch statistics in training mode, as the reference implementation does; they change
+        by EMA alone."""
+        return (self.online_backbone.trainable_variables + self.online_projector.trainable_variables
+                + self.predictor.trainable_variables)
+
+    def _ema_pairs(self):
+        target = self.target_backbone.trainable_variables + self.target_projector.trainable_variables
+        online = self.online_backbone.trainable_variables + self.online_projector.trainable_variables
+        return list(zip(target, online))
+
+    def _copy_online_to_target(self):
+        online = self.online_backbone.weights + self.online_projector.weights
+        target = self.target_backbone.weights + self.target_projector.weights
+        for t, o in zip(target, online):
+            if t.shape != o.shape:
+                raise ValueError(f"target and online weights differ in shape: {t.path} vs {o.path}")
+            t.assign(o)
+
+    def compile(self, optimizer, **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        # Build the slots for the online weights only: fit() would otherwise build them for every
+        # "trainable" variable, target included, doubling the optimizer's memory.
+        self.optimizer.build(self.online_variables)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.purity_tracker]
+
+    # ----- forward passes -----
+    def call(self, images, training=False):
+        """Backbone features of the online network: the representation that is evaluated and exported."""
+        return self.online_backbone(images, training=training)
+
+    def target_embedding(self, images, training=True):
+        feats = self.target_backbone(images, training=training)
+        return tf.stop_gradient(ops.l2_normalize(self.target_projector(feats, training=training)))
+
+    def online_prediction(self, images, training=True):
+        z = self.online_projector(self.online_backbone(images, training=training), training=training)
+        return ops.l2_normalize(self.predictor(z, training=training))
+
+    # ----- method hooks -----
+    def bank_labels(self, batch, targets):
+        """int[B] written to the bank's `labels` and compared by label constraints."""
+        return batch["label"]
+
+    def neighbour_sets(self, batch, targets, sims):
+        """List of (weight, int32[B, k] bank indices) whose weighted losses are summed.
+
+        `sims` is the [B, K] similarity of the targets to the bank (the batch already written).
+        The default is MSF's: the unconstrained top-k."""
+        return [(1.0, ops.top_k_indices(sims, self.topk))]
+
+    # ----- the step -----
+    def train_step(self, batch):
+        targets = self.target_embedding(batch["weak"])
+        rows = distribute.gather(
+            targets, self.bank_labels(batch, targets), batch["true_label"], batch["index"])
+        self.bank.write(*rows)
+        bank = tf.stop_gradient(tf.convert_to_tensor(self.bank.embeddings))
+        sims = ops.similarities(targets, bank)
+        sets = self.neighbour_sets(batch, targets, sims)
+
+        variables = self.online_variables
+        with tf.GradientTape() as tape:
+            queries = self.online_prediction(batch["strong"])
+            loss = tf.add_n([w * ops.mean_shift_loss(queries, bank, idx) for w, idx in sets])
+            # The paper's (PyTorch SGD) weight decay is L2 on every weight: gradient += wd * w, which
+            # momentum then accumulates. Keras' weight_decay is decoupled, so add it to the loss.
+            l2 = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                                                     for v in variables])
+            # Replica gradients are summed by the optimizer: divide the per-replica mean.
+            total = (loss + l2) / tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(total)
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        self._ema_update()
+
+        self.loss_tracker.update_state(loss)
+        _, first_set = sets[0]
+        self.purity_tracker.update_state(
+            ops.purity(batch["true_label"], tf.convert_to_tensor(self.bank.true_labels), first_set))
+        return {"loss": self.loss_tracker.result(), "purity": self.purity_tracker.result(),
+                "lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
+
+    def _ema_update(self):
+        m = self.ema_momentum
+
+        def update(strategy, pairs):
+            for target, online in pairs:
+                strategy.extended.update(target, lambda t, o: t.assign(m * t + (1.0 - m) * o), args=(online,))
+
+        # In cross-replica context (merge_call) the update is applied once per mirrored copy, each
+        # with its own replica's online weights, which are equal after the all-reduced step.
+        pairs = [(t.value, o.value) for t, o in self._ema_pairs()]
+        tf.distribute.get_replica_context().merge_call(update, args=(pairs,))

@@ -1,0 +1,94 @@
+"""ResNet backbones (channels-last), returning globally pooled features.
+
+Written out rather than taken from keras.applications because the mean-shift methods need
+synchronized BatchNorm across replicas, a small-image stem for 28-64 px inputs and a width multiplier
+for CPU-sized demos; initialisation and BatchNorm settings follow torchvision, which the paper used.
+"""
+
+import keras
+
+# arch -> (block kind, blocks per stage, small-image stem)
+ARCHS = {
+    "resnet50": ("bottleneck", (3, 4, 6, 3), False),
+    "resnet18": ("basic", (2, 2, 2, 2), False),
+    "resnet18_small": ("basic", (2, 2, 2, 2), True),
+}
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"); BN momentum 0.1, eps 1e-5.
+_CONV_INIT = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+def feature_dim(arch, width=64):
+    kind, _, _ = ARCHS[arch]
+    return width * 8 * (4 if kind == "bottleneck" else 1)
+
+
+def build_backbone(arch, image_size, channels=3, width=64, sync_bn=False, name="backbone"):
+    """A keras.Model mapping [B, S, S, C] float images to [B, feature_dim] pooled features."""
+    kind, stages, small_stem = ARCHS[arch]
+    conv = _conv_factory()
+    bn = _bn_factory(sync_bn)
+
+    inputs = keras.Input((image_size, image_size, channels), name=f"{name}_images")
+    if small_stem:
+        x = conv(width, 3, 1)(inputs)
+        x = keras.layers.ReLU()(bn()(x))
+    else:
+        x = conv(width, 7, 2)(inputs)
+        x = keras.layers.ReLU()(bn()(x))
+        x = keras.layers.ZeroPadding2D(1)(x)
+        x = keras.layers.MaxPooling2D(3, 2)(x)
+    block = _bottleneck if kind == "bottleneck" else _basic
+    for stage, blocks in enumerate(stages):
+        for i in range(blocks):
+            stride = 2 if (stage > 0 and i == 0) else 1
+            x = block(x, width * 2**stage, stride, conv, bn)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _conv_factory():
+    def conv(filters, kernel, stride):
+        # Explicit symmetric padding reproduces PyTorch's padding=k//2 for strided convs ("same" pads
+        # asymmetrically in TF).
+        def apply(x):
+            if stride > 1 and kernel > 1:
+                x = keras.layers.ZeroPadding2D(kernel // 2)(x)
+                padding = "valid"
+            else:
+                padding = "same"
+            return keras.layers.Conv2D(filters, kernel, stride, padding=padding, use_bias=False,
+                                       kernel_initializer=_CONV_INIT)(x)
+        return apply
+    return conv
+
+
+def _bn_factory(sync_bn):
+    def bn(gamma_zero=False):
+        return keras.layers.BatchNormalization(
+            momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=sync_bn,
+            gamma_initializer="zeros" if gamma_zero else "ones")
+    return bn
+
+
+def _shortcut(x, filters, stride, conv, bn):
+    if stride == 1 and x.shape[-1] == filters:
+        return x
+    return bn()(conv(filters, 1, stride)(x))
+
+
+def _basic(x, filters, stride, conv, bn):
+    shortcut = _shortcut(x, filters, stride, conv, bn)
+    y = keras.layers.ReLU()(bn()(conv(filters, 3, stride)(x)))
+    y = bn()(conv(filters, 3, 1)(y))
+    return keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))
+
+
+def _bottleneck(x, filters, stride, conv, bn):
+    shortcut = _shortcut(x, filters * 4, stride, conv, bn)
+    y = keras.layers.ReLU()(bn()(conv(filters, 1, 1)(x)))
+    y = keras.layers.ReLU()(bn()(conv(filters, 3, stride)(y)))  # stride on the 3x3, as torchvision
+    y = bn()(conv(filters * 4, 1, 1)(y))
+    return keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))

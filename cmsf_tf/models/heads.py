@@ -1,0 +1,26 @@
+"""MLP heads: projection (backbone -> embedding), prediction (embedding -> embedding)."""
+
+import keras
+
+# PyTorch nn.Linear's default init (kaiming_uniform with a=sqrt(5)), so heads start as in the paper.
+_DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def head_dims(feature_dim, hidden=0, out=0):
+    """(hidden, out) of the projection head; 0 means proportional to ResNet-50's 2048->4096->512."""
+    return (hidden or 2 * feature_dim), (out or max(feature_dim // 4, 16))
+
+
+def mlp(in_dim, hidden, out, sync_bn=False, name="mlp"):
+    """Linear - BN - ReLU - Linear, as in BYOL/MSF."""
+    inputs = keras.Input((in_dim,), name=f"{name}_in")
+    x = keras.layers.Dense(hidden, kernel_initializer=_DENSE_INIT, bias_initializer=_bias_init(in_dim))(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=sync_bn)(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dense(out, kernel_initializer=_DENSE_INIT, bias_initializer=_bias_init(hidden))(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _bias_init(fan_in):
+    bound = 1.0 / fan_in**0.5
+    return keras.initializers.RandomUniform(-bound, bound)

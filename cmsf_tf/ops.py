@@ -1,0 +1,83 @@
+"""Pure tensor functions of the mean-shift family: neighbour search, constraints, loss, purity.
+
+Inputs are L2-normalised float tensors and similarity is the dot product. Nothing here knows about
+Keras, flags or state, so every function can be checked against NumPy in milliseconds. All shapes are
+static apart from the batch, and there is no Python control flow on tensor values (XLA/TPU friendly).
+"""
+
+import tensorflow as tf
+
+# A disallowed row is pushed this far down in similarity. Allowed rows have similarity >= -1 and
+# disallowed ones <= 1 - penalty < -1, so every allowed row ranks first; when a query has fewer than k
+# allowed rows the rest are filled with its nearest disallowed rows, in order (the reference code does
+# the same by adding 5 to the squared distance of non-matching rows). -inf would instead return
+# arbitrary rows in an arbitrary order.
+DISALLOWED_PENALTY = 4.0
+
+
+def similarities(targets, bank):
+    """[B, K] dot products of each target with each bank row."""
+    return tf.matmul(targets, bank, transpose_b=True)
+
+
+def top_k_indices(sims, k, allowed=None):
+    """Indices of the k largest entries per row of `sims`, restricted to `allowed` where given."""
+    if allowed is not None:
+        sims = tf.where(allowed, sims, sims - DISALLOWED_PENALTY)
+    return tf.math.top_k(sims, k=k, sorted=True).indices
+
+
+def nearest_neighbours(targets, bank, k, allowed=None):
+    """int32[B, k]: the k bank rows most similar to each target, sorted, among `allowed` rows.
+
+    `allowed` is bool[B, K] or None (all rows). A query with fewer than k allowed rows gets its nearest
+    disallowed rows after all of its allowed ones (see DISALLOWED_PENALTY).
+    """
+    return top_k_indices(similarities(targets, bank), k, allowed)
+
+
+def label_constraint(query_labels, bank_labels):
+    """bool[B, K]: true where the labels are equal.
+
+    A query label < 0 means "unconstrained": its whole row is true. A bank label < 0 (an empty slot or
+    a row without a confident label) never equals a query label >= 0.
+    """
+    query_labels = tf.convert_to_tensor(query_labels)
+    bank_labels = tf.cast(tf.convert_to_tensor(bank_labels), query_labels.dtype)
+    same = tf.equal(query_labels[:, None], bank_labels[None, :])
+    return tf.logical_or(same, (query_labels < 0)[:, None])
+
+
+def nearest_among(targets, bank, candidates, k):
+    """int32[B, k]: the k candidate bank rows most similar to each target, sorted.
+
+    `candidates` is int[B, C] of bank indices (CMSF-2Q: the k' neighbours of the previous view).
+    Costs O(B*C*D): only the candidate rows are gathered, never a B x K mask.
+    """
+    candidates = tf.cast(candidates, tf.int32)
+    rows = tf.gather(bank, candidates)  # [B, C, D]
+    sims = tf.einsum("bd,bcd->bc", targets, rows)
+    order = tf.math.top_k(sims, k=k, sorted=True).indices
+    return tf.gather(candidates, order, batch_dims=1)
+
+
+def mean_shift_loss(queries, bank, indices):
+    """Scalar: mean over b and k of 2 - 2 <q_b, bank[indices[b, k]]>.
+
+    Only the selected rows are gathered, so the query side never forms a second B x K matrix.
+    """
+    rows = tf.gather(bank, indices)  # [B, k, D]
+    sims = tf.einsum("bd,bkd->bk", queries, tf.cast(rows, queries.dtype))
+    return tf.reduce_mean(2.0 - 2.0 * sims)
+
+
+def purity(query_labels, bank_labels, indices):
+    """Scalar float32: fraction of the neighbours whose bank label equals the query's label."""
+    query_labels = tf.convert_to_tensor(query_labels)
+    nbr_labels = tf.cast(tf.gather(bank_labels, indices), query_labels.dtype)
+    return tf.reduce_mean(tf.cast(tf.equal(nbr_labels, query_labels[:, None]), tf.float32))
+
+
+def l2_normalize(x):
+    """Row-wise L2 normalisation, computed in float32 so that bfloat16/float16 features stay unit length."""
+    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)

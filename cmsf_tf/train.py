@@ -1,0 +1,186 @@
+"""Train a representation: python -m cmsf_tf.train --flagfile=flags/demo.cfg [--flag=value ...]
+
+Sections: set-up (flags, model dir, data, strategy) -> model and optimizer -> resume -> fit, epoch by
+epoch -> k-NN evaluation -> result.json. A run resumes by itself from the newest checkpoint in
+--model_dir, mid-epoch included, and continues exactly (same data order, augmentations and state).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+
+from cmsf_tf import config
+
+# Flags whose change would make a checkpoint in --model_dir mean something else.
+_RUN_IDENTITY = ("method", "dataset", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
+                 "proj_hidden", "proj_dim", "seed", "steps_per_epoch")
+
+
+def prepare_model_dir(cfg):
+    """Creates --model_dir, proves it writable and refuses to resume a different run in it."""
+    path = cfg.model_dir
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise config.UsageError(f"cannot write to --model_dir {path}: {e.strerror or e}") from None
+    saved = os.path.join(path, "flags.json")
+    if os.path.exists(saved) and os.path.isdir(os.path.join(path, "checkpoints")):
+        with open(saved) as f:
+            previous = json.load(f)
+        for name in _RUN_IDENTITY:
+            if name in previous and previous[name] != getattr(cfg, name):
+                raise config.UsageError(
+                    f"--model_dir {path} holds a run with --{name}={previous[name]}, but this one asks for "
+                    f"--{name}={getattr(cfg, name)}; use another --model_dir or the same flags to resume")
+    with open(saved, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+
+
+def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
+    import keras
+
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(total_steps, 1))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(total_steps - warmup, 1), warmup_target=cfg.learning_rate, warmup_steps=warmup)
+
+
+def build_model(cfg, image_shape, sync_bn):
+    from cmsf_tf.methods import METHODS
+
+    return METHODS[cfg.method](
+        arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
+        proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
+        weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed)
+
+
+def run(cfg, log=print):
+    """Trains (or resumes) the run described by `cfg`. Returns the result dict, or None if the run
+    stopped early at --stop_after_steps."""
+    started = time.time()
+    prepare_model_dir(cfg)
+
+    from cmsf_tf import distribute
+    distribute.configure_cpu_devices(cfg.cpu_devices)  # before the first TF op
+
+    import keras
+    import tensorflow as tf
+
+    from cmsf_tf.callbacks.checkpoint import CheckpointSaver, DivergenceGuard, Diverged
+    from cmsf_tf.callbacks.summaries import ScalarSummaries
+    from cmsf_tf.data import pipeline, sources
+
+    try:
+        source = sources.load(cfg.dataset, cfg.data_dir)
+    except sources.DataError as e:
+        raise config.UsageError(str(e)) from None
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if cfg.mixed_precision != "float32":
+        keras.mixed_precision.set_global_policy(f"mixed_{cfg.mixed_precision}")
+
+    strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_devices, cfg.tpu)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:
+        raise config.UsageError(f"--batch_size {cfg.batch_size} is not divisible by the {replicas} replicas")
+    steps_per_epoch = source.num_train // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise config.UsageError(f"--batch_size {cfg.batch_size} is larger than the training set "
+                                f"({source.num_train} images)")
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    with strategy.scope():
+        model = build_model(cfg, source.image_shape, sync_bn=replicas > 1)
+        optimizer = keras.optimizers.SGD(
+            learning_rate_schedule(cfg, total_steps, steps_per_epoch), momentum=cfg.momentum)
+        model.compile(optimizer=optimizer)
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(cfg.model_dir, "checkpoints"), max_to_keep=3)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    step = int(optimizer.iterations)
+    if step:
+        log(f"resumed from {manager.latest_checkpoint} (step {step}, epoch {step // steps_per_epoch + 1})")
+
+    guard = DivergenceGuard()
+    saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
+    summaries = ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size)
+    callbacks = [guard, saver, summaries]
+
+    train_started, first_step = time.time(), step
+    while step < total_steps and not saver.stopped_early:
+        if cfg.stop_after_steps and step >= cfg.stop_after_steps:
+            break
+        epoch, done = divmod(step, steps_per_epoch)
+        # A resumed run may start mid-epoch: finish that epoch alone, then run whole epochs.
+        end_epoch = epoch + 1 if done else cfg.epochs
+        data = pipeline.train_dataset(
+            source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
+            steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done)
+        try:
+            model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
+                      callbacks=callbacks, verbose="auto" if sys.stdout.isatty() else 2)
+        except Diverged as e:
+            last = manager.latest_checkpoint or "none"
+            raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
+        step = int(optimizer.iterations)
+    train_seconds = time.time() - train_started
+
+    if saver.stopped_early or step < total_steps:
+        log(f"stopped at step {step} of {total_steps}; run the same command again to resume")
+        return None
+
+    result = {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
+              "steps": step, "wall_time_s": round(time.time() - started, 1),
+              "train_images_per_s": round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)}
+    if cfg.knn_eval:
+        result.update(knn_evaluation(model.online_backbone, source, cfg, log))
+    result["wall_time_s"] = round(time.time() - started, 1)
+    with open(os.path.join(cfg.model_dir, "result.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def knn_evaluation(encoder, source, cfg, log):
+    from cmsf_tf.eval import knn
+
+    log("k-NN evaluation on the test split ...")
+    train_feats = knn.extract_features(encoder, source.train_images, cfg.image_size, cfg.eval_batch_size)
+    test_feats = knn.extract_features(encoder, source.test_images, cfg.image_size, cfg.eval_batch_size)
+    return knn.knn_accuracy(train_feats, source.train_labels, test_feats, source.test_labels, ks=(1, 20),
+                            num_classes=source.num_classes)
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {' '.join(argv[1:])}; flags look like --name=value",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        cfg = config.from_flags()
+        result = run(cfg)
+    except config.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result is not None:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the progress bar
+    app.run(main)
