@@ -67,6 +67,12 @@ def run(cfg, log=print):
     stopped early at --stop_after_steps."""
     started = time.time()
     prepare_model_dir(cfg)
+    from cmsf_tf.data import sources  # NumPy only: bad data is reported before TensorFlow loads
+
+    try:
+        source = sources.load(cfg.dataset, cfg.data_dir)
+    except sources.DataError as e:
+        raise config.UsageError(str(e)) from None
 
     from cmsf_tf import distribute
     distribute.configure_cpu_devices(cfg.cpu_devices)  # before the first TF op
@@ -76,12 +82,7 @@ def run(cfg, log=print):
 
     from cmsf_tf.callbacks.checkpoint import CheckpointSaver, DivergenceGuard, Diverged
     from cmsf_tf.callbacks.summaries import ScalarSummaries
-    from cmsf_tf.data import pipeline, sources
-
-    try:
-        source = sources.load(cfg.dataset, cfg.data_dir)
-    except sources.DataError as e:
-        raise config.UsageError(str(e)) from None
+    from cmsf_tf.data import pipeline
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small real Fashion-MNIST slice and a CLI runner."""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_full():
+    from cmsf_tf.data import sources
+
+    return sources.load_fashion_mnist(FMNIST_DIR)
+
+
+@pytest.fixture(scope="session")
+def fmnist_slice(tmp_path_factory, fmnist_full):
+    """The first 512 training and 256 test images of the real Fashion-MNIST, as IDX files."""
+    d = tmp_path_factory.mktemp("fmnist_slice")
+    write_idx(d / "train-images-idx3-ubyte.gz", fmnist_full.train_images[:512, ..., 0])
+    write_idx(d / "train-labels-idx1-ubyte.gz", fmnist_full.train_labels[:512])
+    write_idx(d / "t10k-images-idx3-ubyte.gz", fmnist_full.test_images[:256, ..., 0])
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", fmnist_full.test_labels[:256])
+    return str(d)
+
+
+# Flags of a tiny, fast run on the slice.
+TINY = ["--method=msf", "--dataset=fashion_mnist", "--arch=resnet18_small", "--width=4", "--image_size=28",
+        "--batch_size=32", "--bank_size=128", "--topk=3", "--proj_hidden=32", "--proj_dim=16",
+        "--learning_rate=0.05", "--log_steps=1"]
+
+
+def run_cli(module, *args, timeout=600):
+    """Runs `python -m module args` from the repository; returns the CompletedProcess."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,114 @@
+"""ops.py against NumPy references on random data."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cmsf_tf import ops
+
+RNG = np.random.default_rng(0)
+
+
+def unit(n, d):
+    x = RNG.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ref_nearest(targets, bank, k, allowed=None):
+    sims = targets @ bank.T
+    out = []
+    for b in range(len(targets)):
+        ok = np.ones(len(bank), bool) if allowed is None else allowed[b]
+        # Allowed rows by similarity, then (only if fewer than k) disallowed rows by similarity.
+        order = sorted(range(len(bank)), key=lambda j: (not ok[j], -sims[b, j]))
+        out.append(order[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_nearest_neighbours_matches_reference(k):
+    t, m = unit(8, 16), unit(50, 16)
+    got = ops.nearest_neighbours(t, m, k).numpy()
+    np.testing.assert_array_equal(got, ref_nearest(t, m, k))
+    assert got.dtype == np.int32 and got.shape == (8, k)
+
+
+def test_nearest_neighbours_respects_allowed_mask():
+    t, m = unit(8, 16), unit(60, 16)
+    allowed = RNG.random((8, 60)) < 0.3
+    got = ops.nearest_neighbours(t, m, 5, tf.constant(allowed)).numpy()
+    np.testing.assert_array_equal(got, ref_nearest(t, m, 5, allowed))
+    for b in range(8):
+        assert allowed[b, got[b]].all()
+
+
+def test_nearest_neighbours_fills_from_nearest_disallowed_rows():
+    t, m = unit(4, 8), unit(30, 8)
+    allowed = np.zeros((4, 30), bool)
+    allowed[:, :2] = True  # only two allowed rows per query, k = 5
+    got = ops.nearest_neighbours(t, m, 5, tf.constant(allowed)).numpy()
+    np.testing.assert_array_equal(got, ref_nearest(t, m, 5, allowed))
+    assert set(got[:, :2].ravel()) <= {0, 1}
+
+
+def test_label_constraint_reference_and_negative_labels():
+    q = np.array([0, 1, -1, 2, 1], np.int32)
+    bank = np.array([0, 1, 1, -1, 2, 0, -1], np.int32)
+    got = ops.label_constraint(q, bank).numpy()
+    want = (q[:, None] == bank[None, :]) | (q[:, None] < 0)
+    np.testing.assert_array_equal(got, want)
+    assert got[2].all()  # negative query label: unconstrained
+    assert not got[[0, 1, 3, 4]][:, [3, 6]].any()  # negative bank label never matches a real label
+
+
+def test_label_constraint_with_int64_bank_labels():
+    got = ops.label_constraint(tf.constant([3], tf.int32), tf.constant([3, 4], tf.int64)).numpy()
+    np.testing.assert_array_equal(got, [[True, False]])
+
+
+def test_nearest_among_matches_masked_reference():
+    t, m = unit(6, 16), unit(80, 16)
+    cands = np.stack([RNG.choice(80, 10, replace=False) for _ in range(6)])
+    got = ops.nearest_among(t, m, cands, 4).numpy()
+    allowed = np.zeros((6, 80), bool)
+    np.put_along_axis(allowed, cands, True, axis=1)
+    np.testing.assert_array_equal(got, ref_nearest(t, m, 4, allowed))
+
+
+def test_nearest_among_builds_no_batch_by_bank_tensor():
+    # Graph-level check that the only large intermediate is the [B, C, D] gather, not [B, K].
+    fn = tf.function(ops.nearest_among).get_concrete_function(
+        tf.TensorSpec([4, 8]), tf.TensorSpec([1000, 8]), tf.TensorSpec([4, 6], tf.int32), 3)
+    for op in fn.graph.get_operations():
+        for out in op.outputs:
+            shape = out.shape
+            if shape.rank and shape.rank >= 2:
+                assert 1000 not in shape.as_list()[1:], f"{op.name} has shape {shape}"
+
+
+def test_mean_shift_loss_matches_reference():
+    q, m = unit(7, 16), unit(40, 16)
+    idx = RNG.integers(0, 40, size=(7, 5)).astype(np.int32)
+    want = np.mean(2 - 2 * np.einsum("bd,bkd->bk", q, m[idx]))
+    np.testing.assert_allclose(ops.mean_shift_loss(q, m, idx).numpy(), want, rtol=1e-5)
+
+
+def test_mean_shift_loss_is_zero_for_identical_rows():
+    m = unit(10, 8)
+    idx = np.arange(10, dtype=np.int32)[:, None]
+    np.testing.assert_allclose(ops.mean_shift_loss(m, m, idx).numpy(), 0.0, atol=1e-6)
+
+
+def test_purity_matches_reference():
+    ql = RNG.integers(0, 3, 9).astype(np.int32)
+    bl = RNG.integers(-1, 3, 30).astype(np.int32)
+    idx = RNG.integers(0, 30, size=(9, 4)).astype(np.int32)
+    want = np.mean(bl[idx] == ql[:, None])
+    np.testing.assert_allclose(ops.purity(ql, bl, idx).numpy(), want)
+
+
+def test_ops_compile_with_xla():
+    t, m = unit(4, 8), unit(32, 8)
+    allowed = tf.constant(RNG.random((4, 32)) < 0.5)
+    fn = tf.function(lambda t, m, a: ops.nearest_neighbours(t, m, 3, a), jit_compile=True)
+    np.testing.assert_array_equal(fn(t, m, allowed).numpy(), ops.nearest_neighbours(t, m, 3, allowed).numpy())

@@ -1,0 +1,136 @@
+"""python -m cmsf_tf.train end to end on a slice of the real Fashion-MNIST: files, resume, bad input."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import TINY, run_cli
+
+
+def train(*args, timeout=600):
+    return run_cli("cmsf_tf.train", *TINY, *args, timeout=timeout)
+
+
+def assert_one_sentence_error(out, pattern):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert re.search(pattern, out.stderr), out.stderr[-2000:]
+
+
+def test_end_to_end_run_leaves_its_files(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "run"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=2", "--steps_per_epoch=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((model_dir / "flags.json").read_text())["method"] == "msf"
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-6")
+    result = json.loads((model_dir / "result.json").read_text())
+    for key in ("knn_top1_k1", "knn_top1_k20"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["steps"] == 6 and result["wall_time_s"] > 0 and result["train_images_per_s"] > 0
+    # TensorBoard: step-level scalars read back from the event files.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    for tag in ("train/loss", "train/purity", "train/lr", "epoch/loss"):
+        assert tag in tags, tags
+    losses = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")]
+    assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(losses))
+
+
+def checkpoint_state(model_dir):
+    """All variables of the newest checkpoint, by name."""
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
+
+
+def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice):
+    flags = [f"--data_dir={fmnist_slice}", "--epochs=2", "--steps_per_epoch=4", "--deterministic",
+             "--noknn_eval"]
+    straight = tmp_path / "straight"
+    out = train(*flags, f"--model_dir={straight}")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    resumed = tmp_path / "resumed"
+    out = train(*flags, f"--model_dir={resumed}", "--checkpoint_steps=3", "--stop_after_steps=6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stopped at step 6" in out.stdout + out.stderr
+    assert not (resumed / "result.json").exists()
+    out = train(*flags, f"--model_dir={resumed}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout + out.stderr and "step 6, epoch 2" in out.stdout + out.stderr
+
+    a, b = checkpoint_state(straight), checkpoint_state(resumed)
+    assert a.keys() == b.keys()
+    names = list(a)
+    # The state that must continue: bank rows, labels, ids and pointer, optimizer iterations and slots.
+    for key in ("bank/embeddings", "bank/pointer", "bank/image_indices", "optimizer/iterations"):
+        assert any(key.split("/")[0] in n and key.split("/")[1] in n for n in names), key
+    for name in names:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert [v for n, v in a.items() if "iter" in n][0] == 8
+
+
+@pytest.mark.parametrize("flag,pattern", [
+    ("--method=simclr", r"unknown --method 'simclr'"),
+    ("--arch=vgg", r"unknown --arch 'vgg'"),
+    ("--dataset=mnist", r"unknown --dataset 'mnist'"),
+    ("--bank_size=100", r"--bank_size 100 is not a multiple of the global --batch_size 32"),
+    ("--topk=500", r"--topk 500 is larger than --bank_size 128"),
+    ("--data_dir=/nonexistent/fmnist", r"--data_dir /nonexistent/fmnist does not exist"),
+])
+def test_bad_flag_values_fail_with_one_sentence(tmp_path, fmnist_slice, flag, pattern):
+    args = [f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path / 'run'}", flag]
+    assert_one_sentence_error(train(*args), pattern)
+
+
+def test_empty_data_dir_fails_clearly(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = train(f"--data_dir={empty}", f"--model_dir={tmp_path / 'run'}")
+    assert_one_sentence_error(out, r"does not hold Fashion-MNIST: missing")
+
+
+def test_unwritable_model_dir_fails_clearly(tmp_path, fmnist_slice):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={blocker / 'run'}")
+    assert_one_sentence_error(out, r"cannot write to --model_dir")
+
+
+def test_missing_flagfile_and_unknown_flag_fail_clearly(tmp_path):
+    out = run_cli("cmsf_tf.train", f"--flagfile={tmp_path / 'nope.cfg'}", f"--model_dir={tmp_path}")
+    assert_one_sentence_error(out, r"Unable to open flagfile")
+    bad = tmp_path / "bad.cfg"
+    bad.write_text("--method=msf\n--no_such_flag=3\n")
+    out = run_cli("cmsf_tf.train", f"--flagfile={bad}", f"--model_dir={tmp_path}")
+    assert_one_sentence_error(out, r"Unknown command line flag 'no_such_flag'")
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "run"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--learning_rate=1e30",
+                "--checkpoint_steps=1", "--epochs=3")
+    assert_one_sentence_error(out, r"the loss became (nan|inf|-inf) at step \d+")
+    bad_step = int(re.search(r"at step (\d+)", out.stderr).group(1))
+    saved = [int(p.split("-")[-1].split(".")[0]) for p in os.listdir(model_dir / "checkpoints") if p.startswith("ckpt-")]
+    assert all(s < bad_step for s in saved), (saved, bad_step)
+    assert not (model_dir / "result.json").exists()
+
+
+def test_resume_refuses_a_different_run(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "run"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=1", "--steps_per_epoch=1",
+                "--noknn_eval")
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=1", "--steps_per_epoch=1",
+                "--width=8")
+    assert_one_sentence_error(out, r"holds a run with --width=4, but this one asks for --width=8")
