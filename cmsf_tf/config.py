@@ -36,6 +36,8 @@ flags.DEFINE_float("weight_decay", 1e-4, "L2 penalty on every weight (PyTorch SG
 flags.DEFINE_float("ema_momentum", 0.99, "Target network EMA momentum m: target = m*target + (1-m)*online.")
 flags.DEFINE_integer("bank_size", 128000, "Rows of the memory bank; a multiple of --batch_size.")
 flags.DEFINE_integer("topk", 5, "Neighbours the query is pulled towards (byol uses 1).")
+flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
+flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
 flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
 flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
 flags.DEFINE_string("strategy", "default", f"tf.distribute strategy: {', '.join(_STRATEGIES)}.")
@@ -49,6 +51,7 @@ flags.DEFINE_integer("stop_after_steps", 0, "Stop (resumably) once this many glo
 flags.DEFINE_integer("log_steps", 50, "Write step-level TensorBoard scalars every this many steps.")
 flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (bit-exact resume checks; slower).")
 flags.DEFINE_bool("knn_eval", True, "Evaluate 1-NN and 20-NN on the test split at the end into result.json.")
+flags.DEFINE_bool("knn_baselines", False, "Also report k-NN of the untrained network and of raw pixels.")
 flags.DEFINE_integer("eval_batch_size", 512, "Batch size of feature extraction.")
 flags.mark_flag_as_required("model_dir")
 
@@ -73,6 +76,8 @@ class Config:
     ema_momentum: float
     bank_size: int
     topk: int
+    crop_min_scale: float
+    blur_prob: float
     proj_hidden: int
     proj_dim: int
     strategy: str
@@ -86,6 +91,7 @@ class Config:
     log_steps: int
     deterministic: bool
     knn_eval: bool
+    knn_baselines: bool
     eval_batch_size: int
 
     def to_dict(self):
@@ -120,6 +126,10 @@ def validate(cfg):
             raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if not cfg.learning_rate > 0:
         raise UsageError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if not 0 < cfg.crop_min_scale <= 1:
+        raise UsageError(f"--crop_min_scale must be in (0, 1] (got {cfg.crop_min_scale})")
+    if not 0 <= cfg.blur_prob <= 1:
+        raise UsageError(f"--blur_prob must be in [0, 1] (got {cfg.blur_prob})")
     if not 0 <= cfg.ema_momentum < 1:
         raise UsageError(f"--ema_momentum must be in [0, 1) (got {cfg.ema_momentum})")
     if cfg.bank_size % cfg.batch_size:

@@ -130,10 +130,11 @@ def run(cfg, log=print):
         end_epoch = epoch + 1 if done else cfg.epochs
         data = pipeline.train_dataset(
             source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
-            steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done)
+            steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
+            crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob)
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
-                      callbacks=callbacks, verbose="auto" if sys.stdout.isatty() else 2)
+                      callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
         except Diverged as e:
             last = manager.latest_checkpoint or "none"
             raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
@@ -149,6 +150,13 @@ def run(cfg, log=print):
               "train_images_per_s": round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)}
     if cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
+    if cfg.knn_baselines:
+        with strategy.scope():
+            untrained = build_model(cfg, source.image_shape, sync_bn=False)
+        result["baselines"] = {
+            "untrained": knn_evaluation(untrained.online_backbone, source, cfg, log),
+            "raw_pixels": raw_pixel_knn(source),
+        }
     result["wall_time_s"] = round(time.time() - started, 1)
     with open(os.path.join(cfg.model_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -165,6 +173,31 @@ def knn_evaluation(encoder, source, cfg, log):
                             num_classes=source.num_classes)
 
 
+def raw_pixel_knn(source):
+    """Cosine k-NN on the raw pixels: the floor a learned representation has to beat."""
+    import numpy as np
+
+    from cmsf_tf.eval import knn
+
+    def flat(images):
+        x = images.reshape(len(images), -1).astype(np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    return knn.knn_accuracy(flat(source.train_images), source.train_labels, flat(source.test_images),
+                            source.test_labels, ks=(1, 20), num_classes=source.num_classes)
+
+
+def summary_lines(result):
+    """Human-readable k-NN table of a result dict."""
+    rows = [(f"trained ({result['method']}, {result['epochs']} epochs)", result)]
+    rows += [(name.replace("_", " "), r) for name, r in result.get("baselines", {}).items()]
+    lines = ["k-NN top-1 on the test split     20-NN    1-NN"]
+    for name, r in rows:
+        if "knn_top1_k20" in r:
+            lines.append(f"  {name:<30} {100 * r['knn_top1_k20']:5.1f}%  {100 * r['knn_top1_k1']:5.1f}%")
+    return lines
+
+
 def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}; flags look like --name=value",
@@ -178,6 +211,7 @@ def main(argv):
         sys.exit(2)
     if result is not None:
         print(json.dumps(result, indent=2))
+        print("\n".join(summary_lines(result)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def write_idx(path, array):
@@ -24,7 +23,7 @@ def write_idx(path, array):
 def fmnist_full():
     from cmsf_tf.data import sources
 
-    return sources.load_fashion_mnist(FMNIST_DIR)
+    return sources.load("fashion_mnist")  # Debian's copy, else keras.datasets
 
 
 @pytest.fixture(scope="session")

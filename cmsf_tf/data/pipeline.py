@@ -17,7 +17,7 @@ def epoch_order(num_examples, seed, epoch):
 
 
 def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, start_epoch, end_epoch,
-                  skip_steps=0, labels=None):
+                  skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5):
     """Batches of {weak, strong, label, true_label, index} from `start_epoch` (after `skip_steps` of
     it) to `end_epoch`, each epoch a fresh permutation. The stream is a pure function of its
     arguments, which is what makes mid-epoch resume exact.
@@ -37,8 +37,9 @@ def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, st
         image = images[index]
         s = tf.random.experimental.stateless_split(example_seed(seed, epoch, index), 2)
         return {
-            "weak": augment.weak_view(image, image_size, s[0]),
-            "strong": augment.strong_view(image, image_size, s[1]),
+            "weak": augment.weak_view(image, image_size, s[0], crop_scale=(crop_min_scale, 1.0)),
+            "strong": augment.strong_view(image, image_size, s[1], crop_scale=(crop_min_scale, 1.0),
+                                          blur_p=blur_prob),
             "label": labels[index],
             "true_label": true_labels[index],
             "index": index,

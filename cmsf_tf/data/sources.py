@@ -40,6 +40,8 @@ class InMemorySource:
 
 def load(dataset, data_dir=""):
     if dataset == "fashion_mnist":
+        if not data_dir and not os.path.isdir(DEFAULT_DIRS["fashion_mnist"]):
+            return download_fashion_mnist()
         return load_fashion_mnist(data_dir or DEFAULT_DIRS["fashion_mnist"])
     raise DataError(f"unknown --dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
 
@@ -71,6 +73,19 @@ def load_fashion_mnist(data_dir):
         test_labels=arrays["test_labels"].astype(np.int32),
         num_classes=10,
     )
+
+
+def download_fashion_mnist():
+    """Fallback when Debian's dataset-fashion-mnist is not installed: keras.datasets (needs internet)."""
+    try:
+        import keras
+
+        (xtr, ytr), (xte, yte) = keras.datasets.fashion_mnist.load_data()
+    except Exception as e:  # any network or cache failure is the same problem to the user
+        raise DataError(f"Fashion-MNIST is neither in {DEFAULT_DIRS['fashion_mnist']} (apt-get install "
+                        f"dataset-fashion-mnist) nor downloadable: {e}") from None
+    return InMemorySource("fashion_mnist", xtr[..., None], ytr.astype(np.int32), xte[..., None],
+                          yte.astype(np.int32), 10)
 
 
 def read_idx(path):
