@@ -80,7 +80,7 @@ def run(cfg, log=print):
     import keras
     import tensorflow as tf
 
-    from cmsf_tf.callbacks.checkpoint import CheckpointSaver, DivergenceGuard, Diverged
+    from cmsf_tf.callbacks.checkpoint import CheckpointSaver, Diverged, DivergenceGuard, global_step
     from cmsf_tf.callbacks.summaries import ScalarSummaries
     from cmsf_tf.data import pipeline
 
@@ -112,7 +112,7 @@ def run(cfg, log=print):
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(cfg.model_dir, "checkpoints"), max_to_keep=3)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    step = int(optimizer.iterations)
+    step = global_step(optimizer)
     if step:
         log(f"resumed from {manager.latest_checkpoint} (step {step}, epoch {step // steps_per_epoch + 1})")
 
@@ -138,7 +138,7 @@ def run(cfg, log=print):
         except Diverged as e:
             last = manager.latest_checkpoint or "none"
             raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
-        step = int(optimizer.iterations)
+        step = global_step(optimizer)
     train_seconds = time.time() - train_started
 
     if saver.stopped_early or step < total_steps:

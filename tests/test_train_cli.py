@@ -136,20 +136,29 @@ def test_resume_refuses_a_different_run(tmp_path, fmnist_slice):
     assert_one_sentence_error(out, r"holds a run with --width=4, but this one asks for --width=8")
 
 
-def test_two_replica_mirrored_run_matches_single_device(tmp_path, fmnist_slice):
-    """--strategy=mirrored over 2 logical CPU devices: same global batch, same result as one device."""
-    flags = [f"--data_dir={fmnist_slice}", "--epochs=1", "--steps_per_epoch=3", "--noknn_eval",
-             "--deterministic"]
+def test_two_replica_mirrored_step_matches_single_device(tmp_path, fmnist_slice):
+    """--strategy=mirrored over 2 logical CPU devices takes the single-device step: same batches into the
+    bank in the same order, same targets, same summed gradient (loss / replicas + synchronized BN)."""
+    flags = [f"--data_dir={fmnist_slice}", "--method=byol", "--topk=1", "--epochs=1", "--steps_per_epoch=1",
+             "--noknn_eval", "--deterministic"]
     one, two = tmp_path / "one", tmp_path / "two"
     out = train(*flags, f"--model_dir={one}")
     assert out.returncode == 0, out.stderr[-3000:]
     out = train(*flags, f"--model_dir={two}", "--strategy=mirrored", "--cpu_devices=2")
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = checkpoint_state(one), checkpoint_state(two)
-    bank = [n for n in a if "bank" in n and "embeddings" in n][0]
     ids = [n for n in a if "bank" in n and "image_indices" in n][0]
-    np.testing.assert_array_equal(a[ids], b[ids])  # every replica's rows, in order
-    np.testing.assert_allclose(a[bank], b[bank], atol=2e-3)
-    # Synchronized BatchNorm + loss / replicas: the weights follow the single-device run closely.
-    kernel = [n for n in a if "conv2d/kernel" in n and "optimizer" not in n][0]
-    np.testing.assert_allclose(a[kernel], b[kernel], atol=1e-3)
+    np.testing.assert_array_equal(a[ids], b[ids])  # both replicas' rows, in replica order
+    bank = [n for n in a if "bank" in n and "embeddings" in n][0]
+    np.testing.assert_allclose(a[bank], b[bank], atol=1e-3)
+    # After one step the SGD momentum slots are -lr * gradient. A missing "/ replicas" doubles them and
+    # unsynchronized BatchNorm changes every layer's gradient. The gradient of this tiny network at
+    # initialisation is numerically touchy: merely swapping the two halves of the batch on one device
+    # moves it by 0.8% (relative L2), and the 2-replica step (other summation orders, E[x^2]-E[x]^2 in
+    # synchronized BN) by about 3%, so the bound is 5%.
+    slots = sorted(n for n in a if n.startswith("optimizer/_variables") and np.ndim(a[n]) > 0)
+    ga = np.concatenate([a[n].ravel() for n in slots])
+    gb = np.concatenate([b[n].ravel() for n in slots])
+    print("relative gradient difference", np.linalg.norm(ga - gb) / np.linalg.norm(ga))
+    assert np.linalg.norm(ga - gb) / np.linalg.norm(ga) < 0.05
+    assert abs(np.dot(ga, gb) / np.dot(gb, gb) - 1) < 0.05

@@ -5,6 +5,11 @@ import math
 import keras
 
 
+def global_step(optimizer):
+    """Steps done so far. `.numpy()` because int() does not accept a MirroredVariable."""
+    return int(optimizer.iterations.numpy())
+
+
 class Diverged(Exception):
     """The loss stopped being finite."""
 
@@ -17,7 +22,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            raise Diverged(f"the loss became {loss} at step {int(self.model.optimizer.iterations)}")
+            raise Diverged(f"the loss became {loss} at step {global_step(self.model.optimizer)}")
 
 
 class CheckpointSaver(keras.callbacks.Callback):
@@ -32,13 +37,13 @@ class CheckpointSaver(keras.callbacks.Callback):
         self.stopped_early = False
 
     def _save(self):
-        step = int(self.model.optimizer.iterations)
+        step = global_step(self.model.optimizer)
         if step != self.saved_step:
             self.manager.save(checkpoint_number=step)
             self.saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = global_step(self.model.optimizer)
         if self.every and step % self.every == 0:
             self._save()
         if self.stop_after and step >= self.stop_after:

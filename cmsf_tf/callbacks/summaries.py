@@ -5,6 +5,8 @@ import time
 import keras
 import tensorflow as tf
 
+from cmsf_tf.callbacks.checkpoint import global_step
+
 
 class ScalarSummaries(keras.callbacks.Callback):
     """Writes `train/<metric>` every `every` steps and `epoch/<metric>` at each epoch end, plus the
@@ -18,7 +20,7 @@ class ScalarSummaries(keras.callbacks.Callback):
         self._last = None
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = global_step(self.model.optimizer)
         if step % self.every:
             return
         now = time.perf_counter()

@@ -42,6 +42,15 @@ class MeanShift(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.purity_tracker = keras.metrics.Mean(name="purity")
         self._copy_online_to_target()
+        self.built = True  # every weight exists now; custom-train_step models are otherwise never marked built
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' fit() under a tf.distribute strategy pulls one batch off the data iterator to build the
+        model symbolically and drops it; with steps_per_epoch the iterator persists, so training would
+        silently skip a batch and then run out of data a step early. Everything here is built in
+        __init__ and compile(), so there is nothing to build and nothing may be consumed."""
+        if self.optimizer is None or not self.optimizer.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # ----- variables -----
     @property
