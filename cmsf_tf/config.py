@@ -113,7 +113,8 @@ def validate(cfg):
     """Raises UsageError on the first problem with the flag values (data and paths are checked later)."""
     _choice(cfg.method, "method", _METHODS)
     _choice(cfg.arch, "arch", _ARCHS)
-    _choice(cfg.dataset, "dataset", sources.DATASETS)
+    if not sources.is_known(cfg.dataset):
+        raise UsageError(f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
     _choice(cfg.strategy, "strategy", _STRATEGIES)
     _choice(cfg.mixed_precision, "mixed_precision", _PRECISIONS)
     for name in ("epochs", "batch_size", "bank_size", "topk", "image_size", "width", "cpu_devices",

@@ -53,7 +53,7 @@ def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
         0.0, decay_steps=max(total_steps - warmup, 1), warmup_target=cfg.learning_rate, warmup_steps=warmup)
 
 
-def build_model(cfg, image_shape, sync_bn):
+def build_model(cfg, sync_bn):
     from cmsf_tf.methods import METHODS
 
     return METHODS[cfg.method](
@@ -103,7 +103,7 @@ def run(cfg, log=print):
     total_steps = steps_per_epoch * cfg.epochs
 
     with strategy.scope():
-        model = build_model(cfg, source.image_shape, sync_bn=replicas > 1)
+        model = build_model(cfg, sync_bn=replicas > 1)
         optimizer = keras.optimizers.SGD(
             learning_rate_schedule(cfg, total_steps, steps_per_epoch), momentum=cfg.momentum)
         model.compile(optimizer=optimizer)
@@ -146,13 +146,13 @@ def run(cfg, log=print):
         return None
 
     result = {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
-              "steps": step, "wall_time_s": round(time.time() - started, 1),
+              "steps": step,
               "train_images_per_s": round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)}
     if cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
     if cfg.knn_baselines:
         with strategy.scope():
-            untrained = build_model(cfg, source.image_shape, sync_bn=False)
+            untrained = build_model(cfg, sync_bn=False)
         result["baselines"] = {
             "untrained": knn_evaluation(untrained.online_backbone, source, cfg, log),
             "raw_pixels": raw_pixel_knn(source),

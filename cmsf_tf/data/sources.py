@@ -11,7 +11,9 @@ import os
 import numpy as np
 
 DEFAULT_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "tfds:NAME[/CONFIG]")
+# Beyond this many bytes of decoded training images a TFDS data set is not held in memory.
+IN_MEMORY_LIMIT = 4 << 30
 
 
 class DataError(Exception):
@@ -38,7 +40,13 @@ class InMemorySource:
         return self.train_images.shape[1:]
 
 
+def is_known(dataset):
+    return dataset == "fashion_mnist" or (dataset.startswith("tfds:") and len(dataset) > len("tfds:"))
+
+
 def load(dataset, data_dir=""):
+    if dataset.startswith("tfds:") and len(dataset) > len("tfds:"):
+        return load_tfds_in_memory(dataset[len("tfds:"):], data_dir)
     if dataset == "fashion_mnist":
         if not data_dir and not os.path.isdir(DEFAULT_DIRS["fashion_mnist"]):
             return download_fashion_mnist()
@@ -73,6 +81,54 @@ def load_fashion_mnist(data_dir):
         test_labels=arrays["test_labels"].astype(np.int32),
         num_classes=10,
     )
+
+
+def load_tfds_in_memory(name, data_dir=""):
+    """A TFDS data set with fixed-size images (CIFAR-10/100, STL-10, SVHN, ...) as uint8 arrays.
+
+    The stable index is the position in TFDS's deterministic (unshuffled) order of the "train" split;
+    evaluation uses "test" (or "validation"). Data sets whose images vary in size (ImageNet) need a
+    streaming pipeline instead and are refused with a sentence that says so."""
+    import tensorflow_datasets as tfds
+
+    if data_dir and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} does not exist")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # TFDS raises several types for unknown names and configs
+        raise DataError(f"TFDS does not know the data set {name!r}: {str(e).splitlines()[0]}") from None
+    info = builder.info
+    image_keys = [k for k, f in info.features.items() if isinstance(f, tfds.features.Image)]
+    if "image" not in image_keys or "label" not in info.features:
+        raise DataError(f"tfds:{name} has no 'image' and 'label' features")
+    shape = info.features["image"].shape
+    if None in shape:
+        raise DataError(f"tfds:{name} has images of varying size and cannot be held in memory; "
+                        "the streaming ImageNet-scale input pipeline is not available yet")
+    # Split sizes are known once the data set is prepared (not under tfds.testing.mock_data).
+    num_train = info.splits["train"].num_examples if "train" in info.splits else 0
+    if num_train * int(np.prod(shape)) > IN_MEMORY_LIMIT:
+        raise DataError(f"tfds:{name} is too large to hold in memory ({num_train} images of {shape})")
+
+    def arrays(split):
+        try:
+            ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False, download=False)
+            chunks = list(tfds.as_numpy(ds.map(lambda x: (x["image"], x["label"])).batch(4096)))
+        except Exception as e:  # missing files surface as assorted TFDS/IO errors
+            raise DataError(f"cannot read tfds:{name} ({split}) from {data_dir or 'the TFDS data dir'}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if not chunks:
+            raise DataError(f"tfds:{name} ({split}) is empty")
+        return (np.concatenate([c[0] for c in chunks]),
+                np.concatenate([c[1] for c in chunks]).astype(np.int32))
+
+    train_images, train_labels = arrays("train")
+    try:
+        test_images, test_labels = arrays("test")
+    except DataError:
+        test_images, test_labels = arrays("validation")
+    return InMemorySource(name, train_images, train_labels, test_images, test_labels,
+                          int(info.features["label"].num_classes))
 
 
 def download_fashion_mnist():

@@ -1,0 +1,76 @@
+"""Label subsets and label noise, as pure NumPy functions of (labels, percent, seed).
+
+Both are keyed by the stable dataset index, so the same flags give the same split and the same noise on
+every worker and in every resumed run. The true labels are never changed: callers keep them for
+monitoring (purity, pseudo-label accuracy) only.
+"""
+
+import numpy as np
+
+UNLABELLED = -1
+
+
+def _quotas(counts, total):
+    """Integer per-class quotas proportional to `counts` that add up to exactly `total`
+    (largest-remainder rounding)."""
+    exact = counts * (total / counts.sum())
+    quotas = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quotas), kind="stable")
+    quotas[order[: total - quotas.sum()]] += 1
+    return quotas
+
+
+def percent_split(labels, percent, seed):
+    """bool[N]: a class-stratified random subset of exactly round(N * percent / 100) examples."""
+    labels = np.asarray(labels)
+    if not 0 < percent <= 100:
+        raise ValueError(f"a label split must keep between 0 and 100 percent (got {percent})")
+    total = int(round(len(labels) * percent / 100.0))
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng([seed, 0x5EED])
+    keep = np.zeros(len(labels), bool)
+    for cls, quota in zip(classes, _quotas(counts, total)):
+        members = np.flatnonzero(labels == cls)
+        keep[rng.choice(members, size=quota, replace=False)] = True
+    return keep
+
+
+def names_split(all_names, split_names):
+    """bool[N]: the examples whose name is listed. Names are compared by file name without directories
+    or extension ("n01440764_10026", as in the official 1% / 10% ImageNet lists)."""
+    def key(name):
+        base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+        return base.rsplit(".", 1)[0] if "." in base else base
+
+    index = {key(n): i for i, n in enumerate(all_names)}
+    wanted = [key(n) for n in split_names if n.strip()]
+    unknown = [n for n in wanted if n not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5])
+        raise ValueError(f"the label split names {len(unknown)} images that are not in the data set "
+                         f"(first: {shown})")
+    keep = np.zeros(len(all_names), bool)
+    keep[[index[n] for n in wanted]] = True
+    return keep
+
+
+def training_labels(labels, labelled):
+    """int32[N]: the label where `labelled`, UNLABELLED elsewhere."""
+    return np.where(labelled, np.asarray(labels), UNLABELLED).astype(np.int32)
+
+
+def noisy_labels(labels, percent, num_classes, seed):
+    """int32[N]: exactly round(N * percent / 100) labels replaced by a different class drawn uniformly."""
+    labels = np.asarray(labels)
+    if not 0 <= percent < 100:
+        raise ValueError(f"--label_noise must be in [0, 100) (got {percent})")
+    if num_classes < 2 and percent > 0:
+        raise ValueError("label noise needs at least two classes")
+    rng = np.random.default_rng([seed, 0x401_5E])
+    count = int(round(len(labels) * percent / 100.0))
+    flipped = rng.choice(len(labels), size=count, replace=False)
+    # Adding 1..C-1 modulo C always lands on another class, uniformly.
+    shift = rng.integers(1, num_classes, size=count)
+    out = labels.astype(np.int32).copy()
+    out[flipped] = (out[flipped] + shift) % num_classes
+    return out
