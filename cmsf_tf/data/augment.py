@@ -86,11 +86,16 @@ def strong_view(image, size, seed, crop_scale=(0.2, 1.0), jitter_p=0.8, gray_p=0
 
 
 def eval_view(image, size, crop_fraction=0.875):
-    """Deterministic: small images are resized; large ones resized to size/0.875 and centre-cropped."""
+    """Deterministic. Small images (<= 64 px) are resized to size x size; larger ones have their shorter
+    side resized to size / 0.875 (aspect kept, as torchvision's Resize(256)) and are centre-cropped."""
     image = to_rgb_float(image)
     if image.shape[0] is not None and image.shape[0] <= 64:
-        return normalize(tf.image.resize(image, (size, size), method="bicubic", antialias=True)
-                         if image.shape[0] != size else image)
-    resized = int(round(size / crop_fraction))
-    image = tf.image.resize(image, (resized, resized), method="bicubic", antialias=True)
-    return normalize(tf.image.resize_with_crop_or_pad(image, size, size))
+        if image.shape[0] != size:
+            image = tf.clip_by_value(tf.image.resize(image, (size, size), method="bicubic", antialias=True), 0.0, 1.0)
+        return normalize(image)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size / crop_fraction) / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, new_shape, method="bicubic", antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
+    return normalize(tf.clip_by_value(tf.ensure_shape(image, (size, size, 3)), 0.0, 1.0))
