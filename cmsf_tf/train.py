@@ -112,7 +112,7 @@ def run(cfg, log=print):
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(cfg.model_dir, "checkpoints"), max_to_keep=3)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    step = global_step(optimizer)
+    step = global_step(model)
     if step:
         log(f"resumed from {manager.latest_checkpoint} (step {step}, epoch {step // steps_per_epoch + 1})")
 
@@ -138,7 +138,7 @@ def run(cfg, log=print):
         except Diverged as e:
             last = manager.latest_checkpoint or "none"
             raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
-        step = global_step(optimizer)
+        step = global_step(model)
     train_seconds = time.time() - train_started
 
     if saver.stopped_early or step < total_steps:

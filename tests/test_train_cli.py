@@ -162,3 +162,18 @@ def test_two_replica_mirrored_step_matches_single_device(tmp_path, fmnist_slice)
     print("relative gradient difference", np.linalg.norm(ga - gb) / np.linalg.norm(ga))
     assert np.linalg.norm(ga - gb) / np.linalg.norm(ga) < 0.05
     assert abs(np.dot(ga, gb) / np.dot(gb, gb) - 1) < 0.05
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_runs_finite_with_a_float32_bank(tmp_path, fmnist_slice, precision):
+    model_dir = tmp_path / precision
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=2", "--steps_per_epoch=3",
+                f"--mixed_precision={precision}", "--noknn_eval")
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Steps count batches, also when float16 loss scaling skips an overflowing update.
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-6")
+    state = checkpoint_state(model_dir)
+    bank = [n for n in state if "bank" in n and "embeddings" in n][0]
+    assert state[bank].dtype == np.float32 and np.isfinite(state[bank]).all()
+    kernels = [v for n, v in state.items() if "kernel" in n and "optimizer" not in n]
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in kernels)

@@ -1,13 +1,13 @@
-"""Checkpointing, divergence and stop-point callbacks. Step numbers are optimizer iterations."""
+"""Checkpointing, divergence and stop-point callbacks. Step numbers count batches trained on."""
 
 import math
 
 import keras
 
 
-def global_step(optimizer):
-    """Steps done so far. `.numpy()` because int() does not accept a MirroredVariable."""
-    return int(optimizer.iterations.numpy())
+def global_step(model):
+    """Batches trained on so far (`MeanShift.train_steps`). `.numpy()`: int() refuses a MirroredVariable."""
+    return int(model.train_steps.numpy())
 
 
 class Diverged(Exception):
@@ -22,7 +22,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            raise Diverged(f"the loss became {loss} at step {global_step(self.model.optimizer)}")
+            raise Diverged(f"the loss became {loss} at step {global_step(self.model)}")
 
 
 class CheckpointSaver(keras.callbacks.Callback):
@@ -37,13 +37,13 @@ class CheckpointSaver(keras.callbacks.Callback):
         self.stopped_early = False
 
     def _save(self):
-        step = global_step(self.model.optimizer)
+        step = global_step(self.model)
         if step != self.saved_step:
             self.manager.save(checkpoint_number=step)
             self.saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
-        step = global_step(self.model.optimizer)
+        step = global_step(self.model)
         if self.every and step % self.every == 0:
             self._save()
         if self.stop_after and step >= self.stop_after:

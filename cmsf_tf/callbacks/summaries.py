@@ -20,7 +20,7 @@ class ScalarSummaries(keras.callbacks.Callback):
         self._last = None
 
     def on_train_batch_end(self, batch, logs=None):
-        step = global_step(self.model.optimizer)
+        step = global_step(self.model)
         if step % self.every:
             return
         now = time.perf_counter()

@@ -38,6 +38,11 @@ class MeanShift(keras.Model):
         self.predictor = heads.mlp(dim, hidden, dim, sync_bn, "predictor")
         self.target_backbone, self.target_projector = encoder("target")
         self.bank = MemoryBank(bank_size, dim, seed=seed, name="bank")
+        # Batches trained on. Not optimizer.iterations: float16 loss scaling skips the update (and the
+        # iteration count) on overflowing steps, but the batch was consumed, and epochs, resume points
+        # and summaries must follow the data.
+        self.train_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64", trainable=False,
+                                           aggregation="only_first_replica", name="train_steps")
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.purity_tracker = keras.metrics.Mean(name="purity")
@@ -133,6 +138,7 @@ class MeanShift(keras.Model):
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
         self._ema_update()
+        self.train_steps.assign_add(1)
 
         self.loss_tracker.update_state(loss)
         _, first_set = sets[0]
