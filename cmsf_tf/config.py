@@ -15,7 +15,7 @@ class UsageError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
 
 
-_METHODS = ("byol", "msf")  # checked against cmsf_tf.methods.METHODS by the tests
+_METHODS = ("byol", "msf", "cmsf_sup")  # checked against cmsf_tf.methods.METHODS by the tests
 _ARCHS = ("resnet50", "resnet18", "resnet18_small")
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _PRECISIONS = ("float32", "bfloat16", "float16")
@@ -38,6 +38,9 @@ flags.DEFINE_integer("bank_size", 128000, "Rows of the memory bank; a multiple o
 flags.DEFINE_integer("topk", 5, "Neighbours the query is pulled towards (byol uses 1).")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
 flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
+flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed); "
+                    "the other training images get label -1. Empty: every image is labelled.")
+flags.DEFINE_float("label_noise", 0.0, "Percent of training labels replaced by another class (seeded by --seed).")
 flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
 flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
 flags.DEFINE_string("strategy", "default", f"tf.distribute strategy: {', '.join(_STRATEGIES)}.")
@@ -77,6 +80,8 @@ class Config:
     bank_size: int
     topk: int
     crop_min_scale: float
+    label_split: str
+    label_noise: float
     blur_prob: float
     proj_hidden: int
     proj_dim: int
@@ -131,6 +136,16 @@ def validate(cfg):
         raise UsageError(f"--crop_min_scale must be in (0, 1] (got {cfg.crop_min_scale})")
     if not 0 <= cfg.blur_prob <= 1:
         raise UsageError(f"--blur_prob must be in [0, 1] (got {cfg.blur_prob})")
+    if not 0 <= cfg.label_noise < 100:
+        raise UsageError(f"--label_noise must be in [0, 100) percent (got {cfg.label_noise})")
+    if cfg.label_split:
+        kind, _, value = cfg.label_split.partition(":")
+        try:
+            percent = float(value) if kind == "percent" else None
+        except ValueError:
+            percent = None
+        if percent is None or not 0 < percent <= 100:
+            raise UsageError(f"--label_split {cfg.label_split!r} is not of the form percent:P with 0 < P <= 100")
     if not 0 <= cfg.ema_momentum < 1:
         raise UsageError(f"--ema_momentum must be in [0, 1) (got {cfg.ema_momentum})")
     if cfg.bank_size % cfg.batch_size:

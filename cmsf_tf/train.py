@@ -16,7 +16,7 @@ from cmsf_tf import config
 
 # Flags whose change would make a checkpoint in --model_dir mean something else.
 _RUN_IDENTITY = ("method", "dataset", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
-                 "proj_hidden", "proj_dim", "seed", "steps_per_epoch")
+                 "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise")
 
 
 def prepare_model_dir(cfg):
@@ -51,6 +51,19 @@ def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
         return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(total_steps, 1))
     return keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(total_steps - warmup, 1), warmup_target=cfg.learning_rate, warmup_steps=warmup)
+
+
+def training_labels(cfg, source):
+    """The labels training may use: noisy with --label_noise, -1 outside --label_split."""
+    from cmsf_tf.data import splits
+
+    labels = source.train_labels
+    if cfg.label_noise:
+        labels = splits.noisy_labels(labels, cfg.label_noise, source.num_classes, cfg.seed)
+    if cfg.label_split:
+        percent = float(cfg.label_split.partition(":")[2])
+        labels = splits.training_labels(labels, splits.percent_split(source.train_labels, percent, cfg.seed))
+    return labels
 
 
 def build_model(cfg, sync_bn):
@@ -121,6 +134,7 @@ def run(cfg, log=print):
     summaries = ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size)
     callbacks = [guard, saver, summaries]
 
+    labels = training_labels(cfg, source)
     train_started, first_step = time.time(), step
     while step < total_steps and not saver.stopped_early:
         if cfg.stop_after_steps and step >= cfg.stop_after_steps:
@@ -131,7 +145,7 @@ def run(cfg, log=print):
         data = pipeline.train_dataset(
             source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
             steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
-            crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob)
+            labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob)
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)

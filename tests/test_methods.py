@@ -10,10 +10,10 @@ from cmsf_tf.methods import METHODS
 SIZE, BATCH = 16, 16
 
 
-def tiny(method="msf", topk=3, ema=0.9, wd=1e-4, seed=0):
+def tiny(method="msf", topk=3, ema=0.9, wd=1e-4, seed=0, bank=64):
     keras.utils.set_random_seed(seed)
     model = METHODS[method](arch="resnet18_small", image_size=SIZE, width=4, proj_hidden=32, proj_dim=16,
-                            bank_size=64, topk=topk, ema_momentum=ema, weight_decay=wd, seed=seed)
+                            bank_size=bank, topk=topk, ema_momentum=ema, weight_decay=wd, seed=seed)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     return model
 
@@ -96,3 +96,43 @@ def test_bank_holds_the_targets_after_a_step():
     assert int(model.bank.pointer.numpy()) == BATCH
     np.testing.assert_allclose(np.linalg.norm(model.bank.embeddings.numpy()[:BATCH], axis=1), 1.0, rtol=1e-5)
     assert t.shape == (BATCH, 16)
+
+
+def labelled_batch(labels):
+    batch = dict(fixed_batch())
+    batch["label"] = tf.constant(labels, tf.int32)
+    return batch
+
+
+def test_cmsf_sup_with_a_single_label_is_msf():
+    # A bank of one batch holds only this batch's rows, all with label 0: the constraint allows all.
+    batch = labelled_batch(np.zeros(BATCH, np.int32))
+    sup, msf = tiny("cmsf_sup", topk=3, bank=BATCH), tiny("msf", topk=3, bank=BATCH)
+    h_sup, h_msf = fit_steps(sup, batch, 3), fit_steps(msf, batch, 3)
+    np.testing.assert_allclose(h_sup["loss"], h_msf["loss"], rtol=1e-5)
+    for a, b in zip(sup.online_variables, msf.online_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_cmsf_sup_neighbours_all_share_the_training_label():
+    labels = np.arange(BATCH) % 4  # 4 rows of each label per batch >= k = 3
+    sup = tiny("cmsf_sup", topk=3)
+    history = fit_steps(sup, labelled_batch(labels), 4)
+    assert history["label_purity"] == [1.0] * 4
+    msf = tiny("msf", topk=3)
+    assert np.mean(fit_steps(msf, labelled_batch(labels), 4)["label_purity"]) < 0.9  # unconstrained
+
+
+def test_training_labels_apply_noise_then_split(fmnist_slice):
+    from cmsf_tf import train
+    from cmsf_tf.config import Config
+
+    src = sources.load_fashion_mnist(fmnist_slice)
+    fields = {f: None for f in Config.__dataclass_fields__}
+    cfg = Config(**{**fields, "label_noise": 25.0, "label_split": "percent:10", "seed": 0})
+    labels = train.training_labels(cfg, src)
+    labelled = labels >= 0
+    assert labelled.sum() == round(0.1 * src.num_train)
+    assert (labels[~labelled] == -1).all()
+    noisy = labels[labelled] != src.train_labels[labelled]
+    assert 0 < noisy.mean() < 0.6  # about a quarter of the kept labels are wrong

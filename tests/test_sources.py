@@ -55,7 +55,7 @@ def test_training_run_on_a_tfds_data_set(tmp_path):
     fields = dict(method="msf", dataset="tfds:cifar10", data_dir="", model_dir=str(tmp_path / "run"),
                   arch="resnet18_small", width=4, image_size=32, epochs=1, batch_size=16, learning_rate=0.05,
                   warmup_epochs=0, momentum=0.9, weight_decay=1e-4, ema_momentum=0.99, bank_size=32, topk=2,
-                  crop_min_scale=0.2, blur_prob=0.5, proj_hidden=16, proj_dim=8, strategy="default",
+                  crop_min_scale=0.2, label_split="", label_noise=0.0, blur_prob=0.5, proj_hidden=16, proj_dim=8, strategy="default",
                   cpu_devices=1, tpu="", mixed_precision="float32", seed=0, steps_per_epoch=2,
                   checkpoint_steps=0, stop_after_steps=0, log_steps=1, deterministic=False, knn_eval=True,
                   knn_baselines=False, eval_batch_size=16)

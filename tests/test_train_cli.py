@@ -177,3 +177,28 @@ def test_mixed_precision_runs_finite_with_a_float32_bank(tmp_path, fmnist_slice,
     assert state[bank].dtype == np.float32 and np.isfinite(state[bank]).all()
     kernels = [v for n, v in state.items() if "kernel" in n and "optimizer" not in n]
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in kernels)
+
+
+def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "sup"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--method=cmsf_sup", "--label_noise=25",
+                "--epochs=1", "--steps_per_epoch=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((model_dir / "result.json").read_text())["method"] == "cmsf_sup"
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    label_purity = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/label_purity")]
+    purity = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/purity")]
+    # Neighbours share the (noisy) training label; against the truth the noise shows.
+    assert label_purity[-1] > 0.9 and purity[-1] < label_purity[-1]
+
+
+@pytest.mark.parametrize("flag,pattern", [
+    ("--label_noise=100", r"--label_noise must be in \[0, 100\)"),
+    ("--label_split=ten", r"--label_split 'ten' is not of the form percent:P"),
+])
+def test_bad_label_flags(tmp_path, fmnist_slice, flag, pattern):
+    assert_one_sentence_error(train(f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path}", flag), pattern)

@@ -1,9 +1,11 @@
 """--method name -> MeanShift subclass."""
 
 from cmsf_tf.methods.byol import BYOL
+from cmsf_tf.methods.cmsf_sup import CMSFSup
 from cmsf_tf.methods.msf import MSF
 
 METHODS = {
     "byol": BYOL,
     "msf": MSF,
+    "cmsf_sup": CMSFSup,
 }

@@ -46,6 +46,7 @@ class MeanShift(keras.Model):
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.purity_tracker = keras.metrics.Mean(name="purity")
+        self.label_purity_tracker = keras.metrics.Mean(name="label_purity")
         self._copy_online_to_target()
         self.built = True  # every weight exists now; custom-train_step models are otherwise never marked built
 
@@ -87,7 +88,7 @@ class MeanShift(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.purity_tracker]
+        return [self.loss_tracker, self.purity_tracker, self.label_purity_tracker]
 
     # ----- forward passes -----
     def call(self, images, training=False):
@@ -142,9 +143,14 @@ class MeanShift(keras.Model):
 
         self.loss_tracker.update_state(loss)
         _, first_set = sets[0]
+        # purity: neighbours sharing the query's true label (monitoring only); label_purity: sharing its
+        # training label (noisy or missing labels included), i.e. what a label constraint sees.
         self.purity_tracker.update_state(
             ops.purity(batch["true_label"], tf.convert_to_tensor(self.bank.true_labels), first_set))
+        self.label_purity_tracker.update_state(
+            ops.purity(batch["label"], tf.convert_to_tensor(self.bank.labels), first_set))
         return {"loss": self.loss_tracker.result(), "purity": self.purity_tracker.result(),
+                "label_purity": self.label_purity_tracker.result(),
                 "lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
 
     def _ema_update(self):

@@ -1,0 +1,16 @@
+"""Supervised CMSF: the neighbours are searched only among bank rows with the query's training label.
+
+The bank stores each row's training label (noisy when --label_noise is set) next to its true label, so
+the purity against the truth shows what the noise does. When a label has fewer than k rows in the bank
+the remaining neighbours are the query's nearest rows of other classes (ops.DISALLOWED_PENALTY, as the
+reference code's "+5 distance" does), so the loss always averages over k rows.
+"""
+
+from cmsf_tf import ops
+from cmsf_tf.methods.base import MeanShift
+
+
+class CMSFSup(MeanShift):
+    def neighbour_sets(self, batch, targets, sims):
+        allowed = ops.label_constraint(batch["label"], self.bank.labels)
+        return [(1.0, ops.top_k_indices(sims, self.topk, allowed))]
