@@ -33,6 +33,19 @@ def make_strategy(name, cpu_devices=1, tpu=""):
     raise ValueError(f"unknown strategy {name!r}")
 
 
+def is_multi_worker(strategy=None):
+    return isinstance(strategy or tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files (checkpoints, summaries, result.json)."""
+    if not is_multi_worker(strategy):
+        return True
+    resolver = strategy.cluster_resolver
+    return resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0
+                                                     and "chief" not in resolver.cluster_spec().as_dict())
+
+
 def gather(*tensors):
     """All-gathers each per-replica tensor along axis 0, in replica-id order.
 

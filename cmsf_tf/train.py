@@ -8,6 +8,7 @@ epoch -> k-NN evaluation -> result.json. A run resumes by itself from the newest
 import json
 import os
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -121,18 +122,24 @@ def run(cfg, log=print):
             learning_rate_schedule(cfg, total_steps, steps_per_epoch), momentum=cfg.momentum)
         model.compile(optimizer=optimizer)
 
+    # Multi-worker: every worker must take part in saving (it is a collective), but only the chief
+    # writes into --model_dir; the others save into a throwaway directory and restore from the chief's.
+    chief = distribute.is_chief(strategy)
+    checkpoint_dir = os.path.join(cfg.model_dir, "checkpoints")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(cfg.model_dir, "checkpoints"), max_to_keep=3)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
     step = global_step(model)
     if step:
-        log(f"resumed from {manager.latest_checkpoint} (step {step}, epoch {step // steps_per_epoch + 1})")
+        log(f"resumed from {latest} (step {step}, epoch {step // steps_per_epoch + 1})")
 
     guard = DivergenceGuard()
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
-    summaries = ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size)
-    callbacks = [guard, saver, summaries]
+    callbacks = [guard, saver]
+    if chief:
+        callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))
 
     labels = training_labels(cfg, source)
     train_started, first_step = time.time(), step
@@ -150,13 +157,15 @@ def run(cfg, log=print):
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
         except Diverged as e:
-            last = manager.latest_checkpoint or "none"
+            last = tf.train.latest_checkpoint(checkpoint_dir) or "none"
             raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
         step = global_step(model)
     train_seconds = time.time() - train_started
 
     if saver.stopped_early or step < total_steps:
         log(f"stopped at step {step} of {total_steps}; run the same command again to resume")
+        return None
+    if not chief:
         return None
 
     result = {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,

@@ -202,3 +202,47 @@ def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice
 ])
 def test_bad_label_flags(tmp_path, fmnist_slice, flag, pattern):
     assert_one_sentence_error(train(f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path}", flag), pattern)
+
+
+def free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_two_worker_processes_train_like_one_device(tmp_path, fmnist_slice):
+    """MultiWorkerMirroredStrategy with 2 processes on 127.0.0.1 sharing one --model_dir."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TINY
+
+    flags = [*TINY, f"--data_dir={fmnist_slice}", "--epochs=1", "--steps_per_epoch=3", "--noknn_eval"]
+    single = tmp_path / "single"
+    out = train(*flags[len(TINY):], f"--model_dir={single}")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    shared = tmp_path / "multi"
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env = dict(os.environ, TF_CONFIG=tf_config, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cmsf_tf.train", *flags, "--strategy=multi_worker", f"--model_dir={shared}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads((shared / "result.json").read_text())["steps"] == 3  # written by the chief only
+    a, b = checkpoint_state(single), checkpoint_state(shared)
+    ids = [n for n in a if "bank" in n and "image_indices" in n][0]
+    np.testing.assert_array_equal(a[ids], b[ids])  # both workers' rows, every batch exactly once
+    bank = [n for n in a if "bank" in n and "embeddings" in n][0]
+    np.testing.assert_allclose(a[bank][:32], b[bank][:32], atol=1e-3)  # step 1: same targets

@@ -3,11 +3,17 @@
 import math
 
 import keras
+import numpy as np
 
 
 def global_step(model):
     """Batches trained on so far (`MeanShift.train_steps`). `.numpy()`: int() refuses a MirroredVariable."""
     return int(model.train_steps.numpy())
+
+
+def log_value(value):
+    """A log entry as a Python float (multi-worker runs log one-element vectors)."""
+    return float(np.asarray(value).item())
 
 
 class Diverged(Exception):
@@ -20,7 +26,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     Must come before CheckpointSaver in the callback list."""
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = float((logs or {}).get("loss", 0.0))
+        loss = log_value((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
             raise Diverged(f"the loss became {loss} at step {global_step(self.model)}")
 

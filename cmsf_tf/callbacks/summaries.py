@@ -5,7 +5,7 @@ import time
 import keras
 import tensorflow as tf
 
-from cmsf_tf.callbacks.checkpoint import global_step
+from cmsf_tf.callbacks.checkpoint import global_step, log_value
 
 
 class ScalarSummaries(keras.callbacks.Callback):
@@ -26,7 +26,7 @@ class ScalarSummaries(keras.callbacks.Callback):
         now = time.perf_counter()
         with self.writer.as_default(step=step):
             for name, value in (logs or {}).items():
-                tf.summary.scalar(f"train/{name}", float(value))
+                tf.summary.scalar(f"train/{name}", log_value(value))
             if self._last is not None and step > self._last[0]:
                 rate = (step - self._last[0]) * self.global_batch / (now - self._last[1])
                 tf.summary.scalar("train/images_per_sec", rate)
@@ -35,7 +35,7 @@ class ScalarSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         with self.writer.as_default(step=epoch + 1):
             for name, value in (logs or {}).items():
-                tf.summary.scalar(f"epoch/{name}", float(value))
+                tf.summary.scalar(f"epoch/{name}", log_value(value))
         self.writer.flush()
 
     def on_train_end(self, logs=None):

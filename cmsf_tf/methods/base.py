@@ -149,9 +149,14 @@ class MeanShift(keras.Model):
             ops.purity(batch["true_label"], tf.convert_to_tensor(self.bank.true_labels), first_set))
         self.label_purity_tracker.update_state(
             ops.purity(batch["label"], tf.convert_to_tensor(self.bank.labels), first_set))
-        return {"loss": self.loss_tracker.result(), "purity": self.purity_tracker.result(),
+        logs = {"loss": self.loss_tracker.result(), "purity": self.purity_tracker.result(),
                 "label_purity": self.label_purity_tracker.result(),
                 "lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
+        if distribute.is_multi_worker():
+            # Keras reduces logs across workers with axis=0, which fails on scalars
+            # (tensorflow/tensorflow#72388): give it one-element vectors to reduce.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     def _ema_update(self):
         m = self.ema_momentum
