@@ -20,10 +20,20 @@ def search(index_features, query_features, k, mode="exact"):
 
     if k > len(index_features):
         raise ValueError(f"k={k} is larger than the index ({len(index_features)} rows)")
+    n = len(index_features)
     builder = scann.scann_ops_pybind.builder(np.ascontiguousarray(index_features, np.float32), k, "dot_product")
-    if mode != "exact":
-        raise ValueError(f"unknown k-NN search mode {mode!r}")
-    searcher = builder.score_brute_force().build()
+    if mode == "exact":
+        searcher = builder.score_brute_force().build()
+    elif mode == "approx":
+        # Partition into ~sqrt(N) leaves and search a quarter of them, score with anisotropic hashing
+        # (2-dimensional blocks), then re-rank a shortlist exactly. Below ~10k rows a tree does not pay.
+        if n >= 10_000:
+            leaves = int(np.sqrt(n))
+            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=max(leaves // 4, 1),
+                                   training_sample_size=min(n, 250_000))
+        searcher = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(max(10 * k, 100)).build()
+    else:
+        raise ValueError(f"unknown k-NN search mode {mode!r}; choose exact or approx")
     idx, _ = searcher.search_batched(np.ascontiguousarray(query_features, np.float32), final_num_neighbors=k)
     return idx.astype(np.int64)
 
