@@ -114,6 +114,18 @@ def _choice(value, name, choices):
         raise UsageError(f"unknown --{name} {value!r}; choose one of: {', '.join(choices)}")
 
 
+def label_split_percent(value):
+    """P of a --label_split of the form percent:P (0 < P <= 100); UsageError otherwise."""
+    kind, _, number = value.partition(":")
+    try:
+        percent = float(number) if kind == "percent" else None
+    except ValueError:
+        percent = None
+    if percent is None or not 0 < percent <= 100:
+        raise UsageError(f"--label_split {value!r} is not of the form percent:P with 0 < P <= 100")
+    return percent
+
+
 def validate(cfg):
     """Raises UsageError on the first problem with the flag values (data and paths are checked later)."""
     _choice(cfg.method, "method", _METHODS)
@@ -139,13 +151,7 @@ def validate(cfg):
     if not 0 <= cfg.label_noise < 100:
         raise UsageError(f"--label_noise must be in [0, 100) percent (got {cfg.label_noise})")
     if cfg.label_split:
-        kind, _, value = cfg.label_split.partition(":")
-        try:
-            percent = float(value) if kind == "percent" else None
-        except ValueError:
-            percent = None
-        if percent is None or not 0 < percent <= 100:
-            raise UsageError(f"--label_split {cfg.label_split!r} is not of the form percent:P with 0 < P <= 100")
+        label_split_percent(cfg.label_split)
     if not 0 <= cfg.ema_momentum < 1:
         raise UsageError(f"--ema_momentum must be in [0, 1) (got {cfg.ema_momentum})")
     if cfg.bank_size % cfg.batch_size:

@@ -62,7 +62,7 @@ def training_labels(cfg, source):
     if cfg.label_noise:
         labels = splits.noisy_labels(labels, cfg.label_noise, source.num_classes, cfg.seed)
     if cfg.label_split:
-        percent = float(cfg.label_split.partition(":")[2])
+        percent = config.label_split_percent(cfg.label_split)
         labels = splits.training_labels(labels, splits.percent_split(source.train_labels, percent, cfg.seed))
     return labels
 

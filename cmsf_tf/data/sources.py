@@ -40,13 +40,19 @@ class InMemorySource:
         return self.train_images.shape[1:]
 
 
+def _tfds_name(dataset):
+    """NAME[/CONFIG] of a "tfds:NAME[/CONFIG]" data set, else None."""
+    prefix, _, name = dataset.partition(":")
+    return name if prefix == "tfds" and name else None
+
+
 def is_known(dataset):
-    return dataset == "fashion_mnist" or (dataset.startswith("tfds:") and len(dataset) > len("tfds:"))
+    return dataset == "fashion_mnist" or _tfds_name(dataset) is not None
 
 
 def load(dataset, data_dir=""):
-    if dataset.startswith("tfds:") and len(dataset) > len("tfds:"):
-        return load_tfds_in_memory(dataset[len("tfds:"):], data_dir)
+    if _tfds_name(dataset):
+        return load_tfds_in_memory(_tfds_name(dataset), data_dir)
     if dataset == "fashion_mnist":
         if not data_dir and not os.path.isdir(DEFAULT_DIRS["fashion_mnist"]):
             return download_fashion_mnist()
