@@ -5,6 +5,7 @@ arguments from it. Any problem is raised as `UsageError` with one sentence for t
 """
 
 import dataclasses
+import os
 
 from absl import flags
 
@@ -23,6 +24,11 @@ _PRECISIONS = ("float32", "bfloat16", "float16")
 flags.DEFINE_string("method", "msf", f"Training method: {', '.join(_METHODS)}.")
 flags.DEFINE_string("dataset", "fashion_mnist", f"Data set: {', '.join(sources.DATASETS)}.")
 flags.DEFINE_string("data_dir", "", "Directory of the data set (default: the data set's usual place).")
+flags.DEFINE_string("class_list", "", "--dataset=folder: only these class folders (imagenet100, or a file of "
+                    "folder names, one per line).")
+flags.DEFINE_float("max_corrupt_fraction", 0.001, "--dataset=folder: corrupt images are skipped and reported; "
+                   "more than this fraction of a split is an error.")
+flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer of record sources (tfrecord, streamed TFDS).")
 flags.DEFINE_string("model_dir", None, "Where the run writes flags.json, checkpoints/, tensorboard/, result.json.")
 flags.DEFINE_string("arch", "resnet50", f"Backbone: {', '.join(_ARCHS)} (resnet18_small: 3x3 stem for 28-64 px).")
 flags.DEFINE_integer("width", 64, "Channels of the first ResNet stage (64 = standard; smaller for CPU demos).")
@@ -38,8 +44,9 @@ flags.DEFINE_integer("bank_size", 128000, "Rows of the memory bank; a multiple o
 flags.DEFINE_integer("topk", 5, "Neighbours the query is pulled towards (byol uses 1).")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
 flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
-flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed); "
-                    "the other training images get label -1. Empty: every image is labelled.")
+flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed) or a "
+                    "file of image names (the official ImageNet 1%/10% lists; tools/make_label_split.py); the "
+                    "other training images get label -1. Empty: every image is labelled.")
 flags.DEFINE_float("label_noise", 0.0, "Percent of training labels replaced by another class (seeded by --seed).")
 flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
 flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
@@ -66,6 +73,9 @@ class Config:
     method: str
     dataset: str
     data_dir: str
+    class_list: str
+    max_corrupt_fraction: float
+    shuffle_buffer: int
     model_dir: str
     arch: str
     width: int
@@ -109,20 +119,34 @@ def from_flags():
     return cfg
 
 
+def make(**values):
+    """A validated Config from the flags' defaults and `values`: the programmatic way to describe a run."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise UsageError(f"unknown settings: {', '.join(sorted(unknown))}")
+    cfg = Config(**{f.name: values.get(f.name, FLAGS[f.name].default) for f in dataclasses.fields(Config)})
+    validate(cfg)
+    return cfg
+
+
 def _choice(value, name, choices):
     if value not in choices:
         raise UsageError(f"unknown --{name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def label_split_percent(value):
-    """P of a --label_split of the form percent:P (0 < P <= 100); UsageError otherwise."""
+    """P of a --label_split of the form percent:P (0 < P <= 100); None for a names file; UsageError
+    for anything else."""
     kind, _, number = value.partition(":")
+    if kind != "percent" and os.path.isfile(value):
+        return None
     try:
         percent = float(number) if kind == "percent" else None
     except ValueError:
         percent = None
     if percent is None or not 0 < percent <= 100:
-        raise UsageError(f"--label_split {value!r} is not of the form percent:P with 0 < P <= 100")
+        raise UsageError(f"--label_split {value!r} is neither percent:P with 0 < P <= 100 nor an existing "
+                         "file of image names")
     return percent
 
 
@@ -135,7 +159,7 @@ def validate(cfg):
     _choice(cfg.strategy, "strategy", _STRATEGIES)
     _choice(cfg.mixed_precision, "mixed_precision", _PRECISIONS)
     for name in ("epochs", "batch_size", "bank_size", "topk", "image_size", "width", "cpu_devices",
-                 "eval_batch_size"):
+                 "eval_batch_size", "shuffle_buffer"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("steps_per_epoch", "checkpoint_steps", "stop_after_steps", "log_steps", "warmup_epochs",
@@ -148,6 +172,8 @@ def validate(cfg):
         raise UsageError(f"--crop_min_scale must be in (0, 1] (got {cfg.crop_min_scale})")
     if not 0 <= cfg.blur_prob <= 1:
         raise UsageError(f"--blur_prob must be in [0, 1] (got {cfg.blur_prob})")
+    if not 0 <= cfg.max_corrupt_fraction <= 1:
+        raise UsageError(f"--max_corrupt_fraction must be in [0, 1] (got {cfg.max_corrupt_fraction})")
     if not 0 <= cfg.label_noise < 100:
         raise UsageError(f"--label_noise must be in [0, 100) percent (got {cfg.label_noise})")
     if cfg.label_split:

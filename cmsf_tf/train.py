@@ -11,12 +11,13 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from absl import app
 
 from cmsf_tf import config
 
 # Flags whose change would make a checkpoint in --model_dir mean something else.
-_RUN_IDENTITY = ("method", "dataset", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
+_RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
                  "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise")
 
 
@@ -55,16 +56,36 @@ def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
 
 
 def training_labels(cfg, source):
-    """The labels training may use: noisy with --label_noise, -1 outside --label_split."""
+    """The LabelPlan of the labels training may use: noisy with --label_noise, -1 outside --label_split.
+    Computed up front (stratified split, split file checked against the data) when the source knows its
+    labels and names; applied per example while streaming otherwise (TFDS ImageNet)."""
     from cmsf_tf.data import splits
+    from cmsf_tf.data.pipeline import LabelPlan
+    from cmsf_tf.data.sources import image_name
 
+    percent = config.label_split_percent(cfg.label_split) if cfg.label_split else None
+    names = splits.read_names(cfg.label_split) if cfg.label_split and percent is None else None
+    if source.train_labels is None:
+        plan = dict(num_classes=source.num_classes)
+        if cfg.label_noise:
+            plan["shift"] = splits.noise_shift(source.num_train, cfg.label_noise, source.num_classes, cfg.seed)
+        if percent is not None:
+            plan["labelled"] = splits.random_split(source.num_train, percent, cfg.seed)
+        if names is not None:
+            plan["labelled_names"] = tuple(sorted({image_name(n) for n in names}))
+        return LabelPlan(**plan)
     labels = source.train_labels
     if cfg.label_noise:
         labels = splits.noisy_labels(labels, cfg.label_noise, source.num_classes, cfg.seed)
-    if cfg.label_split:
-        percent = config.label_split_percent(cfg.label_split)
+    if percent is not None:
         labels = splits.training_labels(labels, splits.percent_split(source.train_labels, percent, cfg.seed))
-    return labels
+    elif names is not None:
+        try:
+            labelled = splits.names_split(source.train_names, names)
+        except ValueError as e:
+            raise config.UsageError(f"--label_split {cfg.label_split}: {e}") from None
+        labels = splits.training_labels(labels, labelled)
+    return LabelPlan(source.num_classes, labels=np.asarray(labels, np.int32))
 
 
 def build_model(cfg, sync_bn):
@@ -84,9 +105,14 @@ def run(cfg, log=print):
     from cmsf_tf.data import sources  # NumPy only: bad data is reported before TensorFlow loads
 
     try:
-        source = sources.load(cfg.dataset, cfg.data_dir)
+        source = sources.load(cfg.dataset, cfg.data_dir, cfg.class_list, cfg.max_corrupt_fraction)
     except sources.DataError as e:
         raise config.UsageError(str(e)) from None
+    for path, reason in getattr(source, "skipped", ())[:20]:
+        log(f"warning: skipping {path}: {reason}")
+    if len(getattr(source, "skipped", ())) > 20:
+        log(f"warning: {len(source.skipped)} corrupt images skipped in all")
+    labels = training_labels(cfg, source)
 
     from cmsf_tf import distribute
     distribute.configure_cpu_devices(cfg.cpu_devices)  # before the first TF op
@@ -141,7 +167,6 @@ def run(cfg, log=print):
     if chief:
         callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))
 
-    labels = training_labels(cfg, source)
     train_started, first_step = time.time(), step
     while step < total_steps and not saver.stopped_early:
         if cfg.stop_after_steps and step >= cfg.stop_after_steps:
@@ -149,10 +174,12 @@ def run(cfg, log=print):
         epoch, done = divmod(step, steps_per_epoch)
         # A resumed run may start mid-epoch: finish that epoch alone, then run whole epochs.
         end_epoch = epoch + 1 if done else cfg.epochs
-        data = pipeline.train_dataset(
-            source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
-            steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
-            labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob)
+        data = strategy.distribute_datasets_from_function(
+            lambda context, epoch=epoch, end_epoch=end_epoch, done=done: pipeline.train_dataset(
+                source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
+                steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
+                labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
+                input_context=context, shuffle_buffer=cfg.shuffle_buffer))
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
@@ -178,8 +205,9 @@ def run(cfg, log=print):
             untrained = build_model(cfg, sync_bn=False)
         result["baselines"] = {
             "untrained": knn_evaluation(untrained.online_backbone, source, cfg, log),
-            "raw_pixels": raw_pixel_knn(source),
         }
+        if hasattr(source, "train_images"):
+            result["baselines"]["raw_pixels"] = raw_pixel_knn(source)
     result["wall_time_s"] = round(time.time() - started, 1)
     with open(os.path.join(cfg.model_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -189,10 +217,15 @@ def run(cfg, log=print):
 def knn_evaluation(encoder, source, cfg, log):
     from cmsf_tf.eval import knn
 
+    from cmsf_tf.data import pipeline
+
     log("k-NN evaluation on the test split ...")
-    train_feats = knn.extract_features(encoder, source.train_images, cfg.image_size, cfg.eval_batch_size)
-    test_feats = knn.extract_features(encoder, source.test_images, cfg.image_size, cfg.eval_batch_size)
-    return knn.knn_accuracy(train_feats, source.train_labels, test_feats, source.test_labels, ks=(1, 20),
+    train_images, train_labels = pipeline.eval_split(source, "train", cfg.image_size, cfg.eval_batch_size)
+    test_images, test_labels = pipeline.eval_split(source, "test", cfg.image_size, cfg.eval_batch_size)
+    train_feats = knn.extract_features(encoder, train_images)
+    test_feats = knn.extract_features(encoder, test_images)
+    ks = tuple(k for k in (1, 20) if k <= len(train_feats))  # a tiny training set has no 20-NN
+    return knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=ks,
                             num_classes=source.num_classes)
 
 

@@ -48,3 +48,24 @@ def run_cli(module, *args, timeout=600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def make_image_tree(root, classes=("cat", "dog", "owl"), per_class=6, val_per_class=2, seed=0):
+    """An ImageNet-style tree of real JPEGs of assorted sizes: root/{train,val}/<class>/<class>_<i>.JPEG.
+    Returns {(split, class): [paths]}."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    made = {}
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for c, cls in enumerate(classes):
+            d = os.path.join(root, split, cls)
+            os.makedirs(d, exist_ok=True)
+            for i in range(count):
+                h, w = rng.integers(40, 90, size=2)
+                pixels = np.clip(rng.normal(60 + 70 * c, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+                path = os.path.join(d, f"{cls}_{i}.JPEG")
+                with open(path, "wb") as f:
+                    f.write(tf.io.encode_jpeg(pixels).numpy())
+                made.setdefault((split, cls), []).append(path)
+    return made

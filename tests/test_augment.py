@@ -72,3 +72,39 @@ def test_eval_view_is_deterministic_and_centre_cropped():
     np.testing.assert_array_equal(a.numpy(), augment.eval_view(tf.constant(big), 224).numpy())
     small = RNG.integers(0, 256, (28, 28, 1), dtype=np.uint8)
     np.testing.assert_allclose(unnormalize(augment.eval_view(small, 28))[..., 0], small[..., 0] / 255.0, atol=1e-6)
+
+
+def smooth_image(h, w):
+    """A smooth colour image (JPEG keeps it within a few levels)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 255 / w), (y * 255 / h), ((x + y) * 127 / (w + h))], -1).astype(np.uint8)
+
+
+def test_views_decode_their_crop_straight_from_jpeg_bytes():
+    pixels = smooth_image(120, 160)
+    encoded = tf.io.encode_jpeg(pixels, quality=98)
+    decoded = tf.io.decode_jpeg(encoded, channels=3)
+    for view in (augment.weak_view, augment.strong_view):
+        fused = view(encoded, 32, seed(5)).numpy()
+        whole = view(decoded, 32, seed(5)).numpy()
+        # Same window from the same seed; the partial decode differs only by JPEG rounding.
+        assert fused.shape == (32, 32, 3)
+        assert np.abs(unnormalize(fused) - unnormalize(whole)).max() < 0.03
+    fused, whole = augment.eval_view(encoded, 64).numpy(), augment.eval_view(decoded, 64).numpy()
+    assert np.abs(unnormalize(fused) - unnormalize(whole)).max() < 0.03
+
+
+def test_png_bytes_and_greyscale_jpeg_bytes_are_decoded_too():
+    png = tf.io.encode_png(smooth_image(80, 100))
+    grey = tf.io.encode_jpeg(smooth_image(80, 100)[..., :1])
+    for encoded in (png, grey):
+        for view in (augment.weak_view, augment.strong_view):
+            assert view(encoded, 32, seed(1)).shape == (32, 32, 3)
+        assert augment.eval_view(encoded, 72).shape == (72, 72, 3)
+
+
+def test_eval_view_is_the_central_crop_of_the_shorter_side():
+    pixels = np.zeros((100, 200, 3), np.uint8)
+    pixels[:, 56:144] = 255  # white exactly where the central 88 x 88 square (0.875 x 100) lies
+    out = unnormalize(augment.eval_view(pixels, 88).numpy())
+    np.testing.assert_allclose(out, 1.0, atol=1e-5)  # the crop lies inside the white band

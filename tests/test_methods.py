@@ -130,7 +130,7 @@ def test_training_labels_apply_noise_then_split(fmnist_slice):
     src = sources.load_fashion_mnist(fmnist_slice)
     fields = {f: None for f in Config.__dataclass_fields__}
     cfg = Config(**{**fields, "label_noise": 25.0, "label_split": "percent:10", "seed": 0})
-    labels = train.training_labels(cfg, src)
+    labels = train.training_labels(cfg, src).labels
     labelled = labels >= 0
     assert labelled.sum() == round(0.1 * src.num_train)
     assert (labels[~labelled] == -1).all()

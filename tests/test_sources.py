@@ -43,25 +43,108 @@ def test_tfds_cifar10_in_memory():
 
 
 def test_tfds_errors_are_sentences():
-    with tfds.testing.mock_data(num_examples=4):
-        with pytest.raises(sources.DataError, match="varying size"):
-            sources.load("tfds:imagenet2012")
     with pytest.raises(sources.DataError, match="TFDS does not know the data set 'no_such_set'"):
         sources.load("tfds:no_such_set")
     assert sources.is_known("tfds:cifar100") and not sources.is_known("tfds:") and not sources.is_known("mnist")
 
 
 def test_training_run_on_a_tfds_data_set(tmp_path):
-    fields = dict(method="msf", dataset="tfds:cifar10", data_dir="", model_dir=str(tmp_path / "run"),
-                  arch="resnet18_small", width=4, image_size=32, epochs=1, batch_size=16, learning_rate=0.05,
-                  warmup_epochs=0, momentum=0.9, weight_decay=1e-4, ema_momentum=0.99, bank_size=32, topk=2,
-                  crop_min_scale=0.2, label_split="", label_noise=0.0, blur_prob=0.5, proj_hidden=16, proj_dim=8, strategy="default",
-                  cpu_devices=1, tpu="", mixed_precision="float32", seed=0, steps_per_epoch=2,
-                  checkpoint_steps=0, stop_after_steps=0, log_steps=1, deterministic=False, knn_eval=True,
-                  knn_baselines=False, eval_batch_size=16)
-    cfg = config.Config(**fields)
-    config.validate(cfg)
+    cfg = config.make(method="msf", dataset="tfds:cifar10", model_dir=str(tmp_path / "run"), arch="resnet18_small",
+                      width=4, image_size=32, epochs=1, batch_size=16, bank_size=32, topk=2, proj_hidden=16,
+                      proj_dim=8, steps_per_epoch=2, checkpoint_steps=0, eval_batch_size=16)
     with tfds.testing.mock_data(num_examples=40):
         result = train.run(cfg, log=lambda *_: None)
     assert result["steps"] == 2 and 0 <= result["knn_top1_k20"] <= 1
     assert json.loads((tmp_path / "run" / "result.json").read_text())["dataset"] == "tfds:cifar10"
+
+
+def test_folder_source_indexes_sorted_classes_and_files(tmp_path):
+    from tests.conftest import make_image_tree
+
+    made = make_image_tree(str(tmp_path), classes=("b_owl", "a_cat"), per_class=3)
+    (tmp_path / "train" / "a_cat" / "notes.txt").write_text("not an image")  # ignored
+    src = sources.load("folder", str(tmp_path))
+    assert src.class_names == ("a_cat", "b_owl") and src.num_classes == 2
+    assert list(src.train_files) == sorted(made[("train", "a_cat")]) + sorted(made[("train", "b_owl")])
+    assert list(src.train_labels) == [0, 0, 0, 1, 1, 1] and src.num_test == 4
+    assert list(src.train_names[:2]) == ["a_cat_0", "a_cat_1"] and not src.skipped
+
+
+def test_corrupt_images_are_skipped_and_named_until_too_many(tmp_path):
+    from tests.conftest import make_image_tree
+
+    made = make_image_tree(str(tmp_path), per_class=10)
+    truncated = made[("train", "dog")][3]
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2])
+    garbage = tmp_path / "train" / "owl" / "owl_x.JPEG"
+    garbage.write_bytes(b"this is no image")
+    src = sources.load_folder(str(tmp_path), max_corrupt_fraction=0.1)
+    assert src.num_train == 29 and {p for p, _ in src.skipped} == {truncated, str(garbage)}
+    assert dict(src.skipped)[truncated].startswith("truncated JPEG")
+    assert truncated not in set(src.train_files)
+    with pytest.raises(sources.DataError, match=r"2 of 31 training images are corrupt, more than "
+                                                r"--max_corrupt_fraction=0.05 \(first: .*owl_x.JPEG: not a JPEG"):
+        sources.load_folder(str(tmp_path), max_corrupt_fraction=0.05)
+
+
+def test_folder_errors_are_sentences(tmp_path):
+    from tests.conftest import make_image_tree
+
+    with pytest.raises(sources.DataError, match="needs --data_dir"):
+        sources.load("folder", "")
+    with pytest.raises(sources.DataError, match="does not exist"):
+        sources.load("folder", str(tmp_path / "nowhere"))
+    make_image_tree(str(tmp_path), per_class=2)
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(sources.DataError, match=r"class folder .*train/empty holds no images"):
+        sources.load("folder", str(tmp_path))
+    with pytest.raises(sources.DataError, match=r"100 classes of --class_list imagenet100 have no folder .*"
+                                                r"\(first: n01558993"):
+        sources.load("folder", str(tmp_path), class_list="imagenet100")
+    listed = tmp_path / "classes.txt"
+    listed.write_text("dog\ncat\n")
+    src = sources.load("folder", str(tmp_path), class_list=str(listed))
+    assert src.class_names == ("cat", "dog") and src.num_train == 4
+
+
+def test_imagenet100_class_list_is_the_cmc_list():
+    names = sources.read_class_list("imagenet100")
+    assert len(names) == len(set(names)) == 100 and all(n.startswith("n") and len(n) == 9 for n in names)
+    assert names[0] == "n02869837" and names[-1] == "n02090622"
+
+
+def test_tfrecord_errors_are_sentences(tmp_path):
+    with pytest.raises(sources.DataError, match="index.json is missing: write TFRecords with"):
+        sources.load("tfrecord", str(tmp_path))
+    (tmp_path / "index.json").write_text('{"splits": {"train": {"files": ["t-0.tfrecord"], "labels": [], '
+                                         '"names": []}, "val": {"files": [], "count": 0}}, "class_names": ["a"]}')
+    with pytest.raises(sources.DataError, match="1 train shards listed in .* are missing"):
+        sources.load("tfrecord", str(tmp_path))
+
+
+def test_make_label_split_tool_and_names_split(tmp_path, fmnist_slice):
+    from tests.conftest import REPO, run_cli
+
+    out = tmp_path / "split.txt"
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "tools/make_label_split.py", "--dataset=fashion_mnist",
+                           f"--data_dir={fmnist_slice}", "--percent=10", f"--output={out}"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]
+    names = out.read_text().split()
+    assert len(names) == round(0.1 * 512)
+    cfg = config.make(model_dir=str(tmp_path / "m"), data_dir=fmnist_slice, label_split=str(out))
+    src = sources.load("fashion_mnist", fmnist_slice)
+    plan = train.training_labels(cfg, src)
+    labelled = plan.labels >= 0
+    np.testing.assert_array_equal(np.flatnonzero(labelled), sorted(int(n) for n in names))
+    np.testing.assert_array_equal(plan.labels[labelled], src.train_labels[labelled])
+    out.write_text("\n".join(names + ["99999", "n0_missing"]))
+    bad = run_cli("cmsf_tf.train", f"--model_dir={tmp_path / 'm2'}", f"--data_dir={fmnist_slice}",
+                  f"--label_split={out}")
+    assert bad.returncode == 2
+    assert ("names 2 images that are not in the data set (first: 99999, n0_missing)"
+            in bad.stderr.strip().splitlines()[-1])

@@ -198,7 +198,7 @@ def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice
 
 @pytest.mark.parametrize("flag,pattern", [
     ("--label_noise=100", r"--label_noise must be in \[0, 100\)"),
-    ("--label_split=ten", r"--label_split 'ten' is not of the form percent:P"),
+    ("--label_split=ten", r"--label_split 'ten' is neither percent:P"),
 ])
 def test_bad_label_flags(tmp_path, fmnist_slice, flag, pattern):
     assert_one_sentence_error(train(f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path}", flag), pattern)
@@ -237,7 +237,13 @@ def test_two_worker_processes_train_like_one_device(tmp_path, fmnist_slice):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "cmsf_tf.train", *flags, "--strategy=multi_worker", f"--model_dir={shared}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [p.communicate()[1][-1500:] for p in procs]
+        raise AssertionError("workers hung:\n" + "\n-----\n".join(tails)) from None
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert json.loads((shared / "result.json").read_text())["steps"] == 3  # written by the chief only

@@ -2,7 +2,9 @@
 
 Stateless randomness keyed by (run seed, epoch, dataset index) makes every view reproducible: a resumed
 run, or another worker, sees exactly the pixels the uninterrupted run would have seen.
-Input: uint8 [H, W, C] (C = 1 or 3). Output: float32 [S, S, 3], ImageNet-normalised.
+Input: uint8 [H, W, C] (C = 1 or 3), or the encoded bytes of a JPEG/PNG (a scalar string), from which
+a random crop is decoded directly (`tf.image.decode_and_crop_jpeg`: a 224 crop of a 500x375 photo does
+not decode the whole photo). Output: float32 [S, S, 3], ImageNet-normalised.
 """
 
 import tensorflow as tf
@@ -22,15 +24,40 @@ def normalize(image):
     return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def _image_shape(image):
+    """[H, W, C] of a decoded image, or of encoded bytes without decoding them (JPEG header)."""
+    if image.dtype != tf.string:
+        return tf.shape(image)
+    return tf.cond(tf.io.is_jpeg(image), lambda: tf.image.extract_jpeg_shape(image),
+                   lambda: tf.shape(decode(image)))
+
+
+def decode(encoded):
+    """The whole image, RGB uint8 (JPEG, PNG, and CMYK/greyscale JPEGs)."""
+    return tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False), [None, None, 3])
+
+
+def crop(image, begin, size):
+    """image[begin:begin+size] of a decoded image, or decoded straight from JPEG bytes."""
+    if image.dtype != tf.string:
+        out = tf.slice(image, tf.concat([begin[:2], [0]], 0), tf.concat([size[:2], [-1]], 0))
+        return tf.ensure_shape(out, [None, None, image.shape[-1]])  # keep the static channel count
+    window = tf.concat([begin[:2], size[:2]], 0)
+    return tf.cond(tf.io.is_jpeg(image),
+                   lambda: tf.image.decode_and_crop_jpeg(image, window, channels=3),
+                   lambda: tf.slice(decode(image), tf.concat([begin[:2], [0]], 0), tf.concat([size[:2], [3]], 0)))
+
+
 def random_resized_crop(image, size, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crop of random area fraction `scale` and aspect `ratio`, resized to size x size."""
+    """Crop of random area fraction `scale` and aspect `ratio`, resized (bilinear, antialiased, as
+    torchvision's RandomResizedCrop) to size x size float32 RGB in [0, 1]."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        _image_shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
         use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
-    out = tf.image.resize(crop, (size, size), method="bicubic", antialias=True)
-    return tf.ensure_shape(out, (size, size, image.shape[-1]))
+    out = tf.image.resize(to_rgb_float(crop(image, begin, crop_size)), (size, size), method="bilinear",
+                          antialias=True)
+    return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), (size, size, 3))
 
 
 def _coin(seed, p):
@@ -48,7 +75,11 @@ def color_jitter(image, seeds, brightness=0.4, contrast=0.4, saturation=0.4, hue
 
 
 def gaussian_blur(image, sigma, radius):
-    """Separable Gaussian blur with a (2*radius+1)-tap kernel (about a tenth of the image side)."""
+    """Separable Gaussian blur with a (2*radius+1)-tap kernel (about a tenth of the image side).
+
+    Not keras.ops.image.gaussian_blur: it zero-pads, darkening a frame of `radius` pixels (0.39 off at
+    the border for sigma 1.3), where PIL's GaussianBlur in the paper's pipeline extends the edges; the
+    interior is identical (1.8e-7)."""
     x = tf.range(-radius, radius + 1, dtype=tf.float32)
     kernel = tf.exp(-0.5 * tf.square(x / sigma))
     kernel /= tf.reduce_sum(kernel)
@@ -64,18 +95,16 @@ def gaussian_blur(image, sigma, radius):
 def weak_view(image, size, seed, crop_scale=(0.2, 1.0)):
     """Random resized crop + horizontal flip."""
     s = tf.random.experimental.stateless_split(seed, 2)
-    image = random_resized_crop(to_rgb_float(image), size, s[0], scale=crop_scale)
-    image = tf.image.stateless_random_flip_left_right(image, s[1])
-    return normalize(tf.clip_by_value(image, 0.0, 1.0))
+    image = random_resized_crop(image, size, s[0], scale=crop_scale)
+    return normalize(tf.image.stateless_random_flip_left_right(image, s[1]))
 
 
 def strong_view(image, size, seed, crop_scale=(0.2, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
                 blur_sigma=(0.1, 2.0)):
     """Weak view + colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, greyscale p=0.2, blur sigma 0.1-2 p=0.5."""
     s = tf.random.experimental.stateless_split(seed, 11)
-    image = random_resized_crop(to_rgb_float(image), size, s[0], scale=crop_scale)
+    image = random_resized_crop(image, size, s[0], scale=crop_scale)
     image = tf.image.stateless_random_flip_left_right(image, s[1])
-    image = tf.clip_by_value(image, 0.0, 1.0)
     image = tf.cond(_coin(s[2], jitter_p), lambda: color_jitter(image, s[3:7]), lambda: image)
     image = tf.cond(_coin(s[7], gray_p),
                     lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
@@ -86,16 +115,17 @@ def strong_view(image, size, seed, crop_scale=(0.2, 1.0), jitter_p=0.8, gray_p=0
 
 
 def eval_view(image, size, crop_fraction=0.875):
-    """Deterministic. Small images (<= 64 px) are resized to size x size; larger ones have their shorter
-    side resized to size / 0.875 (aspect kept, as torchvision's Resize(256)) and are centre-cropped."""
-    image = to_rgb_float(image)
-    if image.shape[0] is not None and image.shape[0] <= 64:
+    """Deterministic. Small images (<= 64 px) are resized to size x size. Larger ones get torchvision's
+    Resize(size / 0.875) + CenterCrop(size), computed the other way round: the central square of side
+    0.875 x the shorter side is cut (decoded from JPEG bytes alone) and resized to size x size."""
+    if image.dtype != tf.string and image.shape[0] is not None and image.shape[0] <= 64:
+        image = to_rgb_float(image)
         if image.shape[0] != size:
             image = tf.clip_by_value(tf.image.resize(image, (size, size), method="bicubic", antialias=True), 0.0, 1.0)
         return normalize(image)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (size / crop_fraction) / tf.reduce_min(shape)
-    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
-    image = tf.image.resize(image, new_shape, method="bicubic", antialias=True)
-    image = tf.image.resize_with_crop_or_pad(image, size, size)
+    shape = _image_shape(image)[:2]
+    side = tf.cast(tf.round(tf.cast(tf.reduce_min(shape), tf.float32) * crop_fraction), tf.int32)
+    begin = (shape - side) // 2
+    square = to_rgb_float(crop(image, begin, tf.stack([side, side])))
+    image = tf.image.resize(square, (size, size), method="bilinear", antialias=True)
     return normalize(tf.clip_by_value(tf.ensure_shape(image, (size, size, 3)), 0.0, 1.0))

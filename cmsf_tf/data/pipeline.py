@@ -1,8 +1,23 @@
-"""tf.data pipelines: an exactly resumable training stream of two views, and the evaluation stream."""
+"""tf.data pipelines: an exactly resumable training stream of views, and the evaluation stream.
 
+Every training example carries {weak, strong[, third], label, true_label, is_labelled, index}. The
+stream is a pure function of (source, seed, epoch range, skip): a resumed run skips the batches it
+already trained on and sees exactly the data, order and augmentations the uninterrupted run would have.
+
+Multi-device: with an `input_context` (tf.distribute's `distribute_datasets_from_function`) each input
+pipeline yields per-replica batches. For random-access sources every pipeline computes the same global
+batch of indices and decodes only its own slice, so N workers train on exactly the batches one device
+would. Record sources shard their files across pipelines instead (each worker reads only its shards).
+"""
+
+import dataclasses
+
+import numpy as np
 import tensorflow as tf
 
-from cmsf_tf.data import augment
+from cmsf_tf.data import augment, sources, splits
+
+AUTOTUNE = tf.data.AUTOTUNE
 
 
 def example_seed(seed, epoch, index):
@@ -16,43 +31,230 @@ def epoch_order(num_examples, seed, epoch):
         tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]))
 
 
-def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, start_epoch, end_epoch,
-                  skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5):
-    """Batches of {weak, strong, label, true_label, index} from `start_epoch` (after `skip_steps` of
-    it) to `end_epoch`, each epoch a fresh permutation. The stream is a pure function of its
-    arguments, which is what makes mid-epoch resume exact.
+@dataclasses.dataclass(frozen=True)
+class LabelPlan:
+    """How an example's training label follows from (index, true label, name), inside the pipeline.
 
-    `labels` are the training labels (noisy or partial, -1 for unlabelled); defaults to the truth.
+    `labels` (int32 [N]) when they can be computed up front (sources whose labels are known); otherwise
+    `shift` (label noise: label = (true + shift[index]) mod C) and a labelled subset given by index
+    (`labelled`, bool [N]) or by image name (`labelled_names`). Unlabelled examples get label -1.
     """
-    images = tf.constant(source.train_images)
-    true_labels = tf.constant(source.train_labels, tf.int32)
-    labels = true_labels if labels is None else tf.constant(labels, tf.int32)
-    per_epoch = steps_per_epoch * global_batch
+
+    num_classes: int
+    labels: object = None
+    shift: object = None
+    labelled: object = None
+    labelled_names: tuple = ()
+
+    def make_fn(self):
+        """A tf function (index, true_label, name) -> training label."""
+        if self.labels is not None:
+            table = tf.constant(self.labels, tf.int32)
+            return lambda index, true_label, name: tf.gather(table, index)
+        shift = None if self.shift is None else tf.constant(self.shift, tf.int32)
+        labelled = None if self.labelled is None else tf.constant(self.labelled, tf.bool)
+        names = None
+        if self.labelled_names:
+            names = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(tf.constant(list(self.labelled_names)),
+                                                    tf.ones([len(self.labelled_names)], tf.int32)), 0)
+
+        def fn(index, true_label, name):
+            label = tf.cast(true_label, tf.int32)
+            if shift is not None:
+                label = (label + tf.gather(shift, index)) % self.num_classes
+            keep = tf.constant(True)
+            if labelled is not None:
+                keep = tf.gather(labelled, index)
+            if names is not None:
+                keep = names.lookup(_name_key(name)) > 0
+            return tf.where(keep, label, splits.UNLABELLED)
+        return fn
+
+
+def _name_key(path):
+    """sources.image_name in TF: file name without directories and extension."""
+    base = tf.strings.split(tf.strings.regex_replace(path, r"\\", "/"), "/")[-1]
+    return tf.strings.regex_replace(base, r"\.[^.]*$", "")
+
+
+def _true_labels(source):
+    return None if source.train_labels is None else np.asarray(source.train_labels, np.int32)
+
+
+def _pipelines(input_context):
+    if input_context is None:
+        return 1, 0
+    return input_context.num_input_pipelines, input_context.input_pipeline_id
+
+
+def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, third_view):
+    s = tf.random.experimental.stateless_split(example_seed(seed, epoch, index), 3)
+    scale = (crop_min_scale, 1.0)
+    out = {"weak": augment.weak_view(image, image_size, s[0], crop_scale=scale),
+           "strong": augment.strong_view(image, image_size, s[1], crop_scale=scale, blur_p=blur_prob)}
+    if third_view:
+        out["third"] = augment.weak_view(image, image_size, s[2], crop_scale=scale)
+    return out
+
+
+def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, start_epoch, end_epoch,
+                  skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5, third_view=False,
+                  input_context=None, shuffle_buffer=10_000):
+    """Batches of {weak, strong[, third], label, true_label, is_labelled, index} from `start_epoch`
+    (after `skip_steps` of it) to `end_epoch`, each epoch freshly shuffled.
+
+    `labels`: a LabelPlan, or int32 [N] training labels (noisy or partial, -1 for unlabelled);
+    defaults to the true labels. With an `input_context` the batches are per-replica batches of this
+    input pipeline's share; without one they are global batches.
+    """
+    if labels is None:
+        labels = LabelPlan(source.num_classes, labels=_true_labels(source))
+    elif not isinstance(labels, LabelPlan):
+        labels = LabelPlan(source.num_classes, labels=np.asarray(labels, np.int32))
+    label_fn = labels.make_fn()
+    pipelines, pipeline_id = _pipelines(input_context)
+    if global_batch % pipelines:
+        raise ValueError(f"global batch {global_batch} is not divisible by {pipelines} input pipelines")
+    batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
+    view_args = dict(image_size=image_size, crop_min_scale=crop_min_scale, blur_prob=blur_prob,
+                     third_view=third_view)
+
+    if isinstance(source, sources.RecordSource):
+        ds = _record_stream(source, seed, steps_per_epoch * global_batch // pipelines, start_epoch, end_epoch,
+                            pipelines, pipeline_id, shuffle_buffer)
+    else:
+        ds = _indexed_stream(source, seed, steps_per_epoch * global_batch, global_batch, start_epoch, end_epoch,
+                             pipelines, pipeline_id)
+    ds = ds.skip(skip_steps * global_batch // pipelines)
+    true_labels = None if isinstance(source, sources.RecordSource) else tf.constant(_true_labels(source))
+    read = _reader(source)
+
+    def example(epoch, index, payload):
+        image, true_label, name = read(index, payload, true_labels)
+        label = label_fn(index, true_label, name)
+        out = _views(image, seed, epoch, index, **view_args)
+        out.update(label=label, true_label=tf.cast(true_label, tf.int32), is_labelled=label >= 0, index=index)
+        return out
+
+    ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def _indexed_stream(source, seed, per_epoch, global_batch, start_epoch, end_epoch, pipelines, pipeline_id):
+    """(epoch, index, index) of random-access sources; with several pipelines, each keeps its slice of
+    every global batch (the slice of the replicas it feeds), so batches equal one device's."""
+    share = global_batch // pipelines
 
     def epoch_indices(epoch):
         order = epoch_order(source.num_train, seed, epoch)[:per_epoch]
-        return tf.data.Dataset.from_tensor_slices((tf.fill([per_epoch], epoch), order))
+        if pipelines > 1:
+            order = tf.reshape(tf.reshape(order, [-1, global_batch])[:, pipeline_id * share:(pipeline_id + 1) * share], [-1])
+        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(order), epoch), order, order))
 
-    def example(epoch, index):
-        image = images[index]
-        s = tf.random.experimental.stateless_split(example_seed(seed, epoch, index), 2)
-        return {
-            "weak": augment.weak_view(image, image_size, s[0], crop_scale=(crop_min_scale, 1.0)),
-            "strong": augment.strong_view(image, image_size, s[1], crop_scale=(crop_min_scale, 1.0),
-                                          blur_p=blur_prob),
-            "label": labels[index],
-            "true_label": true_labels[index],
-            "index": index,
-        }
+    return tf.data.Dataset.range(start_epoch, end_epoch).flat_map(epoch_indices)
 
-    ds = tf.data.Dataset.range(start_epoch, end_epoch).flat_map(epoch_indices)
-    ds = ds.skip(skip_steps * global_batch)
-    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+def _reader(source):
+    """(index, payload, true_labels) -> (image uint8 or encoded bytes, true label, name)."""
+    if isinstance(source, sources.InMemorySource):
+        images = tf.constant(source.train_images)
+        return lambda index, payload, true_labels: (
+            tf.gather(images, index), tf.gather(true_labels, index), tf.strings.as_string(index))
+    if isinstance(source, sources.FileSource):
+        files = tf.constant(source.train_files)
+        return lambda index, payload, true_labels: (
+            tf.io.read_file(tf.gather(files, index)), tf.gather(true_labels, index), tf.gather(files, index))
+    return lambda index, payload, true_labels: payload
+
+
+# Our TFRecord schema (tools/folder_to_tfrecord.py writes it).
+TFRECORD_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    "image/index": tf.io.FixedLenFeature([], tf.int64),
+    "image/filename": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def parse_tfrecord(record):
+    x = tf.io.parse_single_example(record, TFRECORD_FEATURES)
+    return x["image/index"], (x["image/encoded"], x["image/class/label"], x["image/filename"])
+
+
+def _tfds_split(source, split):
+    """(index, (encoded, label, name)) of a TFDS split in its fixed file order (index = position)."""
+    import tensorflow_datasets as tfds
+
+    ds = tfds.load(source.tfds_name, split=split, data_dir=source.data_dir or None, shuffle_files=False,
+                   download=False, decoders={"image": tfds.decode.SkipDecoding()},
+                   read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    name_key = "file_name" if "file_name" in ds.element_spec else None
+    return ds.enumerate().map(lambda i, x: (i, (x["image"], x["label"],
+                                                x[name_key] if name_key else tf.strings.as_string(i))))
+
+
+def _record_stream(source, seed, per_epoch, start_epoch, end_epoch, pipelines, pipeline_id, shuffle_buffer):
+    """(epoch, index, payload) of record sources. Each epoch: shards in a seeded order, a seeded shuffle
+    buffer, then `per_epoch` examples. Deterministic, so skipping replays a resumed epoch exactly."""
+    files = list(source.train_files)
+    shard_files = source.kind == "tfrecord" and len(files) >= pipelines
+    tfds_records = _tfds_split(source, "train") if source.kind == "tfds" else None
+
+    def epoch_records(epoch):  # a Python int: tf.data shuffle seeds must be known when the graph is built
+        epoch_seed = [int(seed), int(epoch)]
+        if source.kind == "tfrecord":
+            order = tf.random.experimental.stateless_shuffle(tf.constant(files), seed=epoch_seed)
+            names = tf.data.Dataset.from_tensor_slices(order)
+            if shard_files:
+                names = names.shard(pipelines, pipeline_id)
+            ds = names.interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(files)),
+                                  num_parallel_calls=AUTOTUNE, deterministic=True).map(parse_tfrecord)
+        else:
+            ds = tfds_records
+        if pipelines > 1 and not shard_files:
+            ds = ds.shard(pipelines, pipeline_id)  # every worker reads everything: use TFRecords at scale
+        shuffle_seed = int(np.random.default_rng(epoch_seed).integers(2**31))
+        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        # A worker's shards may hold fewer than its share of an epoch: repeat rather than end early.
+        return ds.repeat().take(per_epoch).map(lambda index, payload: (tf.constant(epoch, tf.int64), index, payload))
+
+    ds = epoch_records(start_epoch)
+    for epoch in range(start_epoch + 1, end_epoch):
+        ds = ds.concatenate(epoch_records(epoch))
+    return ds
 
 
 def eval_dataset(images, image_size, batch_size):
-    """Deterministic eval-transformed images, in order."""
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    ds = ds.map(lambda im: augment.eval_view(im, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    """Deterministic eval-transformed images, in order: `images` is a uint8 array [N, H, W, C], a list
+    of image file paths, or a tf.data.Dataset of images or encoded bytes."""
+    if isinstance(images, tf.data.Dataset):
+        ds = images
+    elif isinstance(images, np.ndarray) and images.dtype.kind in "US":
+        ds = tf.data.Dataset.from_tensor_slices(images).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(images)
+    ds = ds.map(lambda im: augment.eval_view(im, image_size), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def eval_split(source, split, image_size, batch_size):
+    """(dataset of eval-view batches, int32 labels [N]) of a source's "train" or "test" split, in
+    index order."""
+    if isinstance(source, sources.InMemorySource):
+        images = source.train_images if split == "train" else source.test_images
+        labels = source.train_labels if split == "train" else source.test_labels
+        return eval_dataset(images, image_size, batch_size), np.asarray(labels)
+    if isinstance(source, sources.FileSource):
+        files = source.train_files if split == "train" else source.test_files
+        labels = source.train_labels if split == "train" else source.test_labels
+        return eval_dataset(files, image_size, batch_size), np.asarray(labels)
+    if source.kind == "tfds":
+        ds = _tfds_split(source, "train" if split == "train" else source.test_split)
+    else:
+        files = source.train_files if split == "train" else source.test_files
+        ds = tf.data.TFRecordDataset(list(files)).map(parse_tfrecord)
+    # Records come in file order; labels are read alongside the images (one pass).
+    labels = np.fromiter(ds.map(lambda i, p: p[1]).as_numpy_iterator(), np.int64).astype(np.int32)
+    images = ds.map(lambda i, p: p[0])
+    return eval_dataset(images, image_size, batch_size), labels

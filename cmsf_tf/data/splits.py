@@ -7,6 +7,8 @@ monitoring (purity, pseudo-label accuracy) only.
 
 import numpy as np
 
+from cmsf_tf.data.sources import image_name
+
 UNLABELLED = -1
 
 
@@ -35,15 +37,29 @@ def percent_split(labels, percent, seed):
     return keep
 
 
+def random_split(num_examples, percent, seed):
+    """bool[N]: exactly round(N * percent / 100) examples, not stratified (for sources whose labels are
+    only known while streaming)."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"a label split must keep between 0 and 100 percent (got {percent})")
+    keep = np.zeros(num_examples, bool)
+    rng = np.random.default_rng([seed, 0x5EED])
+    keep[rng.choice(num_examples, size=int(round(num_examples * percent / 100.0)), replace=False)] = True
+    return keep
+
+
+def read_names(path):
+    """Image names of a label-split file: one per line (the official 1% / 10% ImageNet lists), or the
+    first field of a whitespace-separated line; '#' lines are comments."""
+    with open(path) as f:
+        return [line.split()[0] for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
 def names_split(all_names, split_names):
     """bool[N]: the examples whose name is listed. Names are compared by file name without directories
     or extension ("n01440764_10026", as in the official 1% / 10% ImageNet lists)."""
-    def key(name):
-        base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
-        return base.rsplit(".", 1)[0] if "." in base else base
-
-    index = {key(n): i for i, n in enumerate(all_names)}
-    wanted = [key(n) for n in split_names if n.strip()]
+    index = {image_name(n): i for i, n in enumerate(all_names)}
+    wanted = [image_name(n) for n in split_names if n.strip()]
     unknown = [n for n in wanted if n not in index]
     if unknown:
         shown = ", ".join(unknown[:5])
@@ -59,18 +75,22 @@ def training_labels(labels, labelled):
     return np.where(labelled, np.asarray(labels), UNLABELLED).astype(np.int32)
 
 
-def noisy_labels(labels, percent, num_classes, seed):
-    """int32[N]: exactly round(N * percent / 100) labels replaced by a different class drawn uniformly."""
-    labels = np.asarray(labels)
+def noise_shift(num_examples, percent, num_classes, seed):
+    """int32[N]: 0 for clean examples; for exactly round(N * percent / 100) of them a shift in 1..C-1.
+    (label + shift) mod C always lands on another class, uniformly, and needs no labels up front."""
     if not 0 <= percent < 100:
         raise ValueError(f"--label_noise must be in [0, 100) (got {percent})")
     if num_classes < 2 and percent > 0:
         raise ValueError("label noise needs at least two classes")
     rng = np.random.default_rng([seed, 0x401_5E])
-    count = int(round(len(labels) * percent / 100.0))
-    flipped = rng.choice(len(labels), size=count, replace=False)
-    # Adding 1..C-1 modulo C always lands on another class, uniformly.
-    shift = rng.integers(1, num_classes, size=count)
-    out = labels.astype(np.int32).copy()
-    out[flipped] = (out[flipped] + shift) % num_classes
-    return out
+    count = int(round(num_examples * percent / 100.0))
+    flipped = rng.choice(num_examples, size=count, replace=False)
+    shift = np.zeros(num_examples, np.int32)
+    shift[flipped] = rng.integers(1, num_classes, size=count)
+    return shift
+
+
+def noisy_labels(labels, percent, num_classes, seed):
+    """int32[N]: exactly round(N * percent / 100) labels replaced by a different class drawn uniformly."""
+    labels = np.asarray(labels, np.int32)
+    return (labels + noise_shift(len(labels), percent, num_classes, seed)) % num_classes

@@ -7,10 +7,13 @@ from cmsf_tf import ops
 from cmsf_tf.data import pipeline
 
 
-def extract_features(encoder, images, image_size, batch_size=512):
-    """float32 [N, D] unit-length features of uint8 `images` under the deterministic eval transform."""
+def extract_features(encoder, images, image_size=None, batch_size=512):
+    """float32 [N, D] unit-length features. `images`: a dataset of eval-view batches
+    (pipeline.eval_split), or uint8 images [N, H, W, C] given with `image_size`."""
+    if not isinstance(images, tf.data.Dataset):
+        images = pipeline.eval_dataset(images, image_size, batch_size)
     fn = tf.function(lambda x: ops.l2_normalize(encoder(x, training=False)))
-    chunks = [fn(batch).numpy() for batch in pipeline.eval_dataset(images, image_size, batch_size)]
+    chunks = [fn(batch).numpy() for batch in images]
     return np.concatenate(chunks, axis=0)
 
 

@@ -1,0 +1,162 @@
+"""Input pipeline: stable indices, per-epoch shuffling, 2-shard split, exact skip, labels in the graph,
+for each kind of source (in memory, image folder, TFRecords, streamed TFDS)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cmsf_tf.data import pipeline, sources, splits
+from tests.conftest import REPO, make_image_tree
+
+ARGS = dict(image_size=16, seed=3, crop_min_scale=0.2, blur_prob=0.5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    make_image_tree(str(root), per_class=8)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def records(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tfr")
+    run = subprocess.run([sys.executable, "tools/folder_to_tfrecord.py", f"--data_dir={folder}",
+                          f"--output_dir={out}", "--train_shards=4", "--val_shards=2"],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "wrote 24 training and 6 validation images in 6 shards" in run.stdout
+    return str(out)
+
+
+def collect(ds, keys=("index", "label", "true_label", "is_labelled")):
+    out = {k: [] for k in keys}
+    for batch in ds:
+        for k in keys:
+            out[k].append(batch[k].numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def stream(source, steps, epochs=(0, 1), **kw):
+    return pipeline.train_dataset(source, global_batch=4, steps_per_epoch=steps, start_epoch=epochs[0],
+                                  end_epoch=epochs[1], **ARGS, **kw)
+
+
+def context(pipelines, index):
+    return tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=index,
+                                      num_replicas_in_sync=pipelines)
+
+
+@pytest.mark.parametrize("kind", ["memory", "folder", "tfrecord"])
+def test_each_epoch_visits_every_index_once_in_a_new_order(kind, folder, records):
+    src = {"memory": lambda: sources.InMemorySource(
+               "m", np.zeros((24, 8, 8, 1), np.uint8), np.arange(24, dtype=np.int32) % 3,
+               np.zeros((4, 8, 8, 1), np.uint8), np.zeros(4, np.int32), 3),
+           "folder": lambda: sources.load_folder(folder),
+           "tfrecord": lambda: sources.load_tfrecord(records)}[kind]()
+    got = collect(stream(src, 6, epochs=(0, 2)))
+    first, second = got["index"][:24], got["index"][24:]
+    assert sorted(first) == list(range(24)) and sorted(second) == list(range(24))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(got["true_label"], np.asarray(src.train_labels)[got["index"]])
+    again = collect(stream(src, 6, epochs=(1, 2)))  # epoch 1 alone: the same order
+    np.testing.assert_array_equal(again["index"], second)
+    resumed = collect(stream(src, 6, epochs=(1, 2), skip_steps=2))  # exact mid-epoch resume
+    np.testing.assert_array_equal(resumed["index"], second[8:])
+
+
+@pytest.mark.parametrize("kind", ["folder", "tfrecord"])
+def test_two_input_pipelines_are_disjoint_and_complete(kind, folder, records):
+    src = sources.load_folder(folder) if kind == "folder" else sources.load_tfrecord(records)
+    shards = [collect(stream(src, 6, input_context=context(2, i)))["index"] for i in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(np.concatenate(shards)) == list(range(24))
+    if kind == "folder":  # random access: the two halves of every global batch of one device
+        whole = collect(stream(src, 6))["index"].reshape(6, 4)
+        np.testing.assert_array_equal(shards[0].reshape(6, 2), whole[:, :2])
+        np.testing.assert_array_equal(shards[1].reshape(6, 2), whole[:, 2:])
+
+
+def test_views_and_third_view_have_the_right_shape(folder):
+    batch = next(iter(stream(sources.load_folder(folder), 2, third_view=True)))
+    for key in ("weak", "strong", "third"):
+        assert batch[key].shape == (4, 16, 16, 3) and batch[key].dtype == tf.float32
+    assert not np.allclose(batch["weak"].numpy(), batch["third"].numpy())
+
+
+def test_label_plan_in_the_graph_equals_the_numpy_labels():
+    n, classes = 200, 5
+    true = np.arange(n, dtype=np.int32) % classes
+    src = sources.InMemorySource("m", np.zeros((n, 4, 4, 1), np.uint8), true, np.zeros((1, 4, 4, 1), np.uint8),
+                                 np.zeros(1, np.int32), classes)
+    shift = splits.noise_shift(n, 25, classes, seed=1)
+    labelled = splits.random_split(n, 10, seed=1)
+    plan = pipeline.LabelPlan(classes, shift=shift, labelled=labelled)
+    got = collect(pipeline.train_dataset(src, global_batch=8, steps_per_epoch=25, start_epoch=0, end_epoch=1,
+                                         labels=plan, **ARGS))
+    want = splits.training_labels(splits.noisy_labels(true, 25, classes, seed=1), labelled)
+    np.testing.assert_array_equal(got["label"], want[got["index"]])
+    np.testing.assert_array_equal(got["is_labelled"], labelled[got["index"]])
+    assert labelled.sum() == 20 and (shift > 0).sum() == 50
+    by_name = pipeline.LabelPlan(classes, labelled_names=("3", "17"))  # in-memory names are indices
+    got = collect(pipeline.train_dataset(src, global_batch=8, steps_per_epoch=25, start_epoch=0, end_epoch=1,
+                                         labels=by_name, **ARGS))
+    assert sorted(got["index"][got["is_labelled"]]) == [3, 17]
+
+
+def test_streamed_tfds_imagenet_has_stable_indices():
+    with tfds.testing.mock_data(num_examples=12):
+        src = sources.load("tfds:imagenet2012")
+        assert isinstance(src, sources.RecordSource) and src.num_train == 12 and src.num_classes == 1000
+        got = collect(stream(src, 3, epochs=(0, 2)))
+        again = collect(stream(src, 3, epochs=(0, 2)))
+        images, labels = pipeline.eval_split(src, "test", 24, 5)
+        assert next(iter(images)).shape == (5, 24, 24, 3) and len(labels) == 12
+    assert sorted(got["index"][:12]) == list(range(12)) and sorted(got["index"][12:]) == list(range(12))
+    np.testing.assert_array_equal(got["index"], again["index"])
+    np.testing.assert_array_equal(got["true_label"], again["true_label"])
+
+
+SMALL = ["--method=msf", "--arch=resnet18_small", "--width=4", "--image_size=32", "--batch_size=8",
+         "--bank_size=16", "--topk=2", "--proj_hidden=16", "--proj_dim=8", "--epochs=1", "--log_steps=1",
+         "--eval_batch_size=8"]
+
+
+def test_training_runs_on_a_folder_with_a_corrupt_file_and_on_its_tfrecords(folder, records, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    broken = os.path.join(folder, "train", "owl", "owl_broken.JPEG")
+    with open(broken, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 truncated")
+    try:
+        out = run_cli("cmsf_tf.train", *SMALL, "--dataset=folder", f"--data_dir={folder}",
+                      f"--model_dir={tmp_path / 'f'}", "--max_corrupt_fraction=0.1")
+    finally:
+        os.remove(broken)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"warning: skipping {broken}: truncated JPEG" in out.stdout
+    result = json.loads((tmp_path / "f" / "result.json").read_text())
+    assert result["steps"] == 3 and 0 <= result["knn_top1_k20"] <= 1
+
+    out = run_cli("cmsf_tf.train", *SMALL, "--dataset=tfrecord", f"--data_dir={records}",
+                  f"--model_dir={tmp_path / 'r'}", "--label_split=percent:50", "--method=cmsf_sup", "--topk=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["steps"] == 3
+
+
+def test_training_streams_tfds_imagenet(tmp_path):
+    from cmsf_tf import config, train
+
+    cfg = config.make(dataset="tfds:imagenet2012", model_dir=str(tmp_path / "run"), arch="resnet18_small",
+                      width=4, image_size=32, epochs=1, batch_size=8, bank_size=16, topk=2, proj_hidden=16,
+                      proj_dim=8, checkpoint_steps=0, eval_batch_size=8, label_noise=10, shuffle_buffer=16)
+    with tfds.testing.mock_data(num_examples=16):
+        result = train.run(cfg, log=lambda *_: None)
+    assert result["steps"] == 2 and 0 <= result["knn_top1_k1"] <= 1
