@@ -108,3 +108,16 @@ def test_eval_view_is_the_central_crop_of_the_shorter_side():
     pixels[:, 56:144] = 255  # white exactly where the central 88 x 88 square (0.875 x 100) lies
     out = unnormalize(augment.eval_view(pixels, 88).numpy())
     np.testing.assert_allclose(out, 1.0, atol=1e-5)  # the crop lies inside the white band
+
+
+def test_one_partial_decode_serves_both_views():
+    from cmsf_tf.data import pipeline
+
+    encoded = tf.io.encode_jpeg(smooth_image(150, 200), quality=98)
+    decoded = tf.io.decode_jpeg(encoded, channels=3)
+    for third in (False, True):
+        region = pipeline._views(encoded, 1, 2, 3, 48, 0.2, 0.5, third)
+        whole = pipeline._views(decoded, 1, 2, 3, 48, 0.2, 0.5, third)
+        assert region.keys() == whole.keys()
+        for key in region:
+            assert np.abs(unnormalize(region[key]) - unnormalize(whole[key])).max() < 0.03

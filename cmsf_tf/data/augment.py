@@ -24,7 +24,7 @@ def normalize(image):
     return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def _image_shape(image):
+def image_shape(image):
     """[H, W, C] of a decoded image, or of encoded bytes without decoding them (JPEG header)."""
     if image.dtype != tf.string:
         return tf.shape(image)
@@ -48,28 +48,75 @@ def crop(image, begin, size):
                    lambda: tf.slice(decode(image), tf.concat([begin[:2], [0]], 0), tf.concat([size[:2], [3]], 0)))
 
 
+def crop_window(shape, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(begin [3], size [3]) of a random resized crop of an image of `shape`: area fraction `scale`,
+    aspect `ratio`, as torchvision's RandomResizedCrop."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=ratio, area_range=scale, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
+def resize(image, size):
+    """To size x size: area averaging when shrinking both sides (a box-filter antialias, 4x cheaper
+    than tf.image.resize's antialiased bilinear), antialiased bilinear otherwise."""
+    hw = tf.shape(image)[:2]
+    return tf.cond(tf.reduce_all(hw >= size),
+                   lambda: tf.image.resize(image, (size, size), method="area"),
+                   lambda: tf.image.resize(image, (size, size), method="bilinear", antialias=True))
+
+
+def decoded_region(encoded, windows):
+    """Decodes once the bounding box of several crop windows [(begin, size), ...] of encoded bytes.
+    Returns (pixels, origin, full shape): what random_resized_crop takes instead of the bytes, so two
+    views of one image cost one partial decode."""
+    shape = image_shape(encoded)
+    top = tf.reduce_min(tf.stack([b[:2] for b, _ in windows]), axis=0)
+    bottom = tf.reduce_max(tf.stack([b[:2] + s[:2] for b, s in windows]), axis=0)
+    return crop(encoded, top, bottom - top), top, shape
+
+
 def random_resized_crop(image, size, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crop of random area fraction `scale` and aspect `ratio`, resized (bilinear, antialiased, as
-    torchvision's RandomResizedCrop) to size x size float32 RGB in [0, 1]."""
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        _image_shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    out = tf.image.resize(to_rgb_float(crop(image, begin, crop_size)), (size, size), method="bilinear",
-                          antialias=True)
+    """Crop of random area fraction `scale` and aspect `ratio`, resized to size x size float32 RGB in
+    [0, 1]. `image`: uint8 pixels, encoded bytes, or a decoded_region (pixels, origin, full shape)."""
+    if isinstance(image, tuple):
+        pixels, origin, shape = image
+        begin, crop_size = crop_window(shape, seed, scale, ratio)
+        cropped = crop(pixels, tf.concat([begin[:2] - origin, [0]], 0), crop_size)
+    else:
+        begin, crop_size = crop_window(image_shape(image), seed, scale, ratio)
+        cropped = crop(image, begin, crop_size)
+    out = resize(to_rgb_float(cropped), size)
     return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), (size, size, 3))
+
+
+def crop_seed(view, seed):
+    """The seed of a view's crop window (weak_view / strong_view split their seed this way)."""
+    return tf.random.experimental.stateless_split(seed, 2 if view == "weak" else 11)[0]
 
 
 def _coin(seed, p):
     return tf.random.stateless_uniform([], seed=seed) < p
 
 
+def grey(image):
+    """ITU-R 601 luma, [H, W, 1] (what torchvision's rgb_to_grayscale computes)."""
+    return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+
+
 def color_jitter(image, seeds, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
-    """torchvision's ColorJitter factors (brightness multiplies), applied in a fixed order."""
-    factor = tf.random.stateless_uniform([], seeds[0], 1 - brightness, 1 + brightness)
-    image = tf.clip_by_value(image * factor, 0.0, 1.0)
-    image = tf.clip_by_value(tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast, seeds[1]), 0.0, 1.0)
-    image = tf.image.stateless_random_saturation(image, 1 - saturation, 1 + saturation, seeds[2])
+    """torchvision's ColorJitter operations, in its default order: brightness scales; contrast blends
+    with the mean grey level; saturation blends with the grey image; hue rotates in HSV. (TF's
+    adjust_contrast uses per-channel means and adjust_saturation scales S in HSV: other operations,
+    and the HSV round trip made jitter the slowest part of the pipeline.)"""
+    def factor(seed, amount):
+        return tf.random.stateless_uniform([], seed, 1 - amount, 1 + amount)
+
+    image = tf.clip_by_value(image * factor(seeds[0], brightness), 0.0, 1.0)
+    mean = tf.reduce_mean(grey(image))
+    image = tf.clip_by_value(mean + factor(seeds[1], contrast) * (image - mean), 0.0, 1.0)
+    g = grey(image)
+    image = tf.clip_by_value(g + factor(seeds[2], saturation) * (image - g), 0.0, 1.0)
     image = tf.image.stateless_random_hue(image, hue, seeds[3])
     return tf.clip_by_value(image, 0.0, 1.0)
 
@@ -107,7 +154,7 @@ def strong_view(image, size, seed, crop_scale=(0.2, 1.0), jitter_p=0.8, gray_p=0
     image = tf.image.stateless_random_flip_left_right(image, s[1])
     image = tf.cond(_coin(s[2], jitter_p), lambda: color_jitter(image, s[3:7]), lambda: image)
     image = tf.cond(_coin(s[7], gray_p),
-                    lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
+                    lambda: tf.tile(grey(image), [1, 1, 3]), lambda: image)
     sigma = tf.random.stateless_uniform([], s[8], blur_sigma[0], blur_sigma[1])
     radius = max(size // 20, 1)
     image = tf.cond(_coin(s[9], blur_p), lambda: gaussian_blur(image, sigma, radius), lambda: image)
@@ -123,7 +170,7 @@ def eval_view(image, size, crop_fraction=0.875):
         if image.shape[0] != size:
             image = tf.clip_by_value(tf.image.resize(image, (size, size), method="bicubic", antialias=True), 0.0, 1.0)
         return normalize(image)
-    shape = _image_shape(image)[:2]
+    shape = image_shape(image)[:2]
     side = tf.cast(tf.round(tf.cast(tf.reduce_min(shape), tf.float32) * crop_fraction), tf.int32)
     begin = (shape - side) // 2
     square = to_rgb_float(crop(image, begin, tf.stack([side, side])))

@@ -91,6 +91,11 @@ def _pipelines(input_context):
 def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, third_view):
     s = tf.random.experimental.stateless_split(example_seed(seed, epoch, index), 3)
     scale = (crop_min_scale, 1.0)
+    if image.dtype == tf.string:  # decode once the part of the image that the crops cover
+        kinds = [("weak", s[0]), ("strong", s[1])] + ([("weak", s[2])] if third_view else [])
+        shape = augment.image_shape(image)
+        image = augment.decoded_region(
+            image, [augment.crop_window(shape, augment.crop_seed(k, v), scale) for k, v in kinds])
     out = {"weak": augment.weak_view(image, image_size, s[0], crop_scale=scale),
            "strong": augment.strong_view(image, image_size, s[1], crop_scale=scale, blur_p=blur_prob)}
     if third_view:
