@@ -16,7 +16,7 @@ class UsageError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
 
 
-_METHODS = ("byol", "msf", "cmsf_sup")  # checked against cmsf_tf.methods.METHODS by the tests
+_METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup")  # checked against cmsf_tf.methods.METHODS by the tests
 _ARCHS = ("resnet50", "resnet18", "resnet18_small")
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _PRECISIONS = ("float32", "bfloat16", "float16")
@@ -42,6 +42,16 @@ flags.DEFINE_float("weight_decay", 1e-4, "L2 penalty on every weight (PyTorch SG
 flags.DEFINE_float("ema_momentum", 0.99, "Target network EMA momentum m: target = m*target + (1-m)*online.")
 flags.DEFINE_integer("bank_size", 128000, "Rows of the memory bank; a multiple of --batch_size.")
 flags.DEFINE_integer("topk", 5, "Neighbours the query is pulled towards (byol uses 1).")
+flags.DEFINE_integer("topk_prime", 5, "cmsf_2q: neighbours k' of the previous view that form the constraint set.")
+flags.DEFINE_string("cmsf_2q_view", "pool", "cmsf_2q: where t' comes from: pool (each image's previous target, "
+                    "kept per image) or third (a third augmentation through the target every step: one more "
+                    "target forward pass per image, no pool memory).")
+flags.DEFINE_string("pool_dtype", "float32", "cmsf_2q/cmsf_km per-image pool: float32 or bfloat16 (half the "
+                    "memory; ImageNet x 512: 2Q 5.2 / 2.6 GB, KM 2.6 / 1.3 GB per replica).")
+flags.DEFINE_integer("num_clusters", 50000, "cmsf_km: k-means clusters (paper: 50,000 on ImageNet).")
+flags.DEFINE_integer("kmeans_iters", 20, "cmsf_km: k-means iterations per epoch end.")
+flags.DEFINE_string("kmeans_init", "random", "cmsf_km: random or kmeans++ (greedy k-means++: better clusters, "
+                    "k sequential passes over the pool; too slow for 50,000 clusters of ImageNet).")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
 flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
 flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed) or a "
@@ -89,6 +99,12 @@ class Config:
     ema_momentum: float
     bank_size: int
     topk: int
+    topk_prime: int
+    cmsf_2q_view: str
+    pool_dtype: str
+    num_clusters: int
+    kmeans_iters: int
+    kmeans_init: str
     crop_min_scale: float
     label_split: str
     label_noise: float
@@ -158,8 +174,11 @@ def validate(cfg):
         raise UsageError(f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
     _choice(cfg.strategy, "strategy", _STRATEGIES)
     _choice(cfg.mixed_precision, "mixed_precision", _PRECISIONS)
+    _choice(cfg.cmsf_2q_view, "cmsf_2q_view", ("pool", "third"))
+    _choice(cfg.pool_dtype, "pool_dtype", ("float32", "bfloat16"))
+    _choice(cfg.kmeans_init, "kmeans_init", ("random", "kmeans++"))
     for name in ("epochs", "batch_size", "bank_size", "topk", "image_size", "width", "cpu_devices",
-                 "eval_batch_size", "shuffle_buffer"):
+                 "eval_batch_size", "shuffle_buffer", "topk_prime", "num_clusters", "kmeans_iters"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("steps_per_epoch", "checkpoint_steps", "stop_after_steps", "log_steps", "warmup_epochs",
@@ -183,6 +202,9 @@ def validate(cfg):
     if cfg.bank_size % cfg.batch_size:
         raise UsageError(f"--bank_size {cfg.bank_size} is not a multiple of the global --batch_size "
                          f"{cfg.batch_size}; a batch must never straddle the end of the bank")
+    if cfg.method == "cmsf_2q" and cfg.topk_prime < cfg.topk:
+        raise UsageError(f"--topk_prime {cfg.topk_prime} must be at least --topk {cfg.topk} (the constrained "
+                         "neighbours are chosen among the k' candidates)")
     if cfg.topk > cfg.bank_size:
         raise UsageError(f"--topk {cfg.topk} is larger than --bank_size {cfg.bank_size}")
     if cfg.cpu_devices > 1 and cfg.strategy != "mirrored":

@@ -61,6 +61,14 @@ def nearest_among(targets, bank, candidates, k):
     return tf.gather(candidates, order, batch_dims=1)
 
 
+def nearest_among_from_sims(sims, candidates, k):
+    """nearest_among when the [B, K] similarities of the targets to the bank are already computed
+    (the train step's unconstrained search): only the B x C candidate entries are gathered."""
+    candidates = tf.cast(candidates, tf.int32)
+    order = tf.math.top_k(tf.gather(sims, candidates, batch_dims=1), k=k, sorted=True).indices
+    return tf.gather(candidates, order, batch_dims=1)
+
+
 def mean_shift_loss(queries, bank, indices):
     """Scalar: mean over b and k of 2 - 2 <q_b, bank[indices[b, k]]>.
 

@@ -18,6 +18,7 @@ from cmsf_tf import config
 
 # Flags whose change would make a checkpoint in --model_dir mean something else.
 _RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
+                 "topk_prime", "cmsf_2q_view", "pool_dtype", "num_clusters",
                  "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise")
 
 
@@ -88,10 +89,20 @@ def training_labels(cfg, source):
     return LabelPlan(source.num_classes, labels=np.asarray(labels, np.int32))
 
 
-def build_model(cfg, sync_bn):
+def method_options(cfg, num_images):
+    """The constructor arguments only some methods take."""
+    if cfg.method == "cmsf_2q":
+        return dict(num_images=num_images, topk_prime=cfg.topk_prime, pool_dtype=cfg.pool_dtype,
+                    third_view=cfg.cmsf_2q_view == "third")
+    if cfg.method == "cmsf_km":
+        return dict(num_images=num_images, num_clusters=cfg.num_clusters, pool_dtype=cfg.pool_dtype)
+    return {}
+
+
+def build_model(cfg, sync_bn, num_images):
     from cmsf_tf.methods import METHODS
 
-    return METHODS[cfg.method](
+    return METHODS[cfg.method](**method_options(cfg, num_images),
         arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
         proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
         weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed)
@@ -143,7 +154,7 @@ def run(cfg, log=print):
     total_steps = steps_per_epoch * cfg.epochs
 
     with strategy.scope():
-        model = build_model(cfg, sync_bn=replicas > 1)
+        model = build_model(cfg, sync_bn=replicas > 1, num_images=source.num_train)
         optimizer = keras.optimizers.SGD(
             learning_rate_schedule(cfg, total_steps, steps_per_epoch), momentum=cfg.momentum)
         model.compile(optimizer=optimizer)
@@ -163,7 +174,12 @@ def run(cfg, log=print):
 
     guard = DivergenceGuard()
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
-    callbacks = [guard, saver]
+    callbacks = [guard]
+    if cfg.method == "cmsf_km":  # before the saver: the epoch's checkpoint holds the new clusters
+        from cmsf_tf.callbacks.kmeans import KMeansClusters
+        callbacks.append(KMeansClusters(cfg.num_clusters, cfg.kmeans_iters, cfg.seed, cfg.kmeans_init,
+                                        logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None, log=log))
+    callbacks.append(saver)
     if chief:
         callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))
 
@@ -179,7 +195,8 @@ def run(cfg, log=print):
                 source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
                 steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
                 labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
-                input_context=context, shuffle_buffer=cfg.shuffle_buffer))
+                input_context=context, shuffle_buffer=cfg.shuffle_buffer,
+                third_view=cfg.method == "cmsf_2q" and cfg.cmsf_2q_view == "third"))
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
@@ -202,7 +219,7 @@ def run(cfg, log=print):
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
     if cfg.knn_baselines:
         with strategy.scope():
-            untrained = build_model(cfg, sync_bn=False)
+            untrained = build_model(cfg, sync_bn=False, num_images=source.num_train)
         result["baselines"] = {
             "untrained": knn_evaluation(untrained.online_backbone, source, cfg, log),
         }

@@ -136,3 +136,89 @@ def test_training_labels_apply_noise_then_split(fmnist_slice):
     assert (labels[~labelled] == -1).all()
     noisy = labels[labelled] != src.train_labels[labelled]
     assert 0 < noisy.mean() < 0.6  # about a quarter of the kept labels are wrong
+
+
+def tiny_pool_model(method, num_images, **kw):
+    keras.utils.set_random_seed(0)
+    options = dict(num_images=num_images, **kw)
+    model = METHODS[method](arch="resnet18_small", image_size=SIZE, width=4, proj_hidden=32, proj_dim=16,
+                            bank_size=16, topk=2, ema_momentum=0.9, weight_decay=1e-4, seed=0, **options)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return model
+
+
+def epoch_stream(n, epoch, batch=8, third_view=False):
+    rng = np.random.default_rng(1)
+    src = sources.InMemorySource("random", rng.integers(0, 255, (n, SIZE, SIZE, 3), np.uint8),
+                                 rng.integers(0, 4, n).astype(np.int32), None, None, 4)
+    return pipeline.train_dataset(src, global_batch=batch, image_size=SIZE, seed=0, steps_per_epoch=n // batch,
+                                  start_epoch=epoch, end_epoch=epoch + 1, third_view=third_view)
+
+
+def test_cmsf_2q_pool_holds_the_previous_epochs_view_of_each_image():
+    n = 16
+    model = tiny_pool_model("cmsf_2q", n, topk_prime=3)
+    latest = []
+    for epoch in range(3):
+        history = model.fit(epoch_stream(n, epoch), epochs=1, steps_per_epoch=2, verbose=0).history
+        assert np.isfinite(history["loss"][0]) and "constrained_rank" in history
+        embeddings, seen = model.pool.latest()
+        assert seen.numpy().all() and (model.pool.writes.numpy() == epoch + 1).all()
+        current = embeddings.numpy()
+        previous = model.pool.previous(np.arange(n), fallback=np.full((n, 16), 7.0, np.float32)).numpy()
+        if epoch == 0:
+            np.testing.assert_array_equal(previous, 7.0)  # no previous view yet: the fallback (t itself)
+        else:
+            np.testing.assert_allclose(previous, latest[-1], atol=1e-6)  # t' = last epoch's t, same image
+            # M' row = previous view of that row's image, written with the row.
+            ids = model.bank.image_indices.numpy()
+            np.testing.assert_allclose(model.previous_bank.embeddings.numpy(), latest[-1][ids], atol=1e-6)
+            np.testing.assert_allclose(model.bank.embeddings.numpy(), current[ids], atol=1e-6)
+        latest.append(current)
+    assert not np.allclose(latest[1], latest[2])
+
+
+def test_cmsf_2q_third_view_variant_runs_without_a_pool():
+    model = tiny_pool_model("cmsf_2q", 16, topk_prime=3, third_view=True)
+    history = model.fit(epoch_stream(16, 0, third_view=True), epochs=1, steps_per_epoch=2, verbose=0).history
+    assert model.pool is None and np.isfinite(history["loss"][0])
+
+
+def test_cmsf_km_constraint_follows_the_current_cluster_ids():
+    n = 16
+    model = tiny_pool_model("cmsf_km", n, num_clusters=3)
+    batch = next(iter(epoch_stream(n, 0)))
+    targets = model.target_embedding(batch["weak"])
+    # No clusters yet: the constrained set is the unconstrained one (loss = MSF).
+    sims = tf.random.normal([8, 16])
+    first, second = model.neighbour_sets(batch, targets, sims)
+    np.testing.assert_array_equal(first[1].numpy(), second[1].numpy())
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 3, n).astype(np.int32)
+    model.cluster_ids.assign(ids)
+    bank_images = rng.integers(-1, n, 16)  # -1: an empty bank row
+    model.bank.image_indices.assign(bank_images)
+    constrained = model.neighbour_sets(batch, targets, sims)[0][1].numpy()
+    query = ids[batch["index"].numpy()]
+    bank_ids = np.where(bank_images >= 0, ids[np.maximum(bank_images, 0)], -1)
+    allowed = query[:, None] == bank_ids[None, :]
+    penalised = np.where(allowed, sims.numpy(), sims.numpy() - 4.0)
+    np.testing.assert_array_equal(constrained, np.argsort(-penalised, axis=1, kind="stable")[:, :2])
+
+
+def test_kmeans_callback_clusters_the_pool_at_epoch_end():
+    from cmsf_tf.callbacks.kmeans import KMeansClusters
+
+    n = 16
+    model = tiny_pool_model("cmsf_km", n, num_clusters=3)
+    messages = []
+    history = model.fit(epoch_stream(n, 0), epochs=1, steps_per_epoch=2, verbose=0,
+                        callbacks=[KMeansClusters(3, iters=5, log=messages.append)]).history
+    assert "constraint is off" in messages[0]
+    ids = model.cluster_ids.numpy()
+    assert ids.min() >= 0 and len(np.unique(ids)) == 3
+    embeddings, _ = model.pool.latest()
+    from cmsf_tf import clustering
+    _, want, _ = clustering.spherical_kmeans(embeddings.numpy(), 3, iters=5, seed=0)
+    np.testing.assert_array_equal(ids, want.numpy())
+    assert 0 <= history["kmeans_inertia"][0] <= 2

@@ -75,6 +75,18 @@ def test_nearest_among_matches_masked_reference():
     np.testing.assert_array_equal(got, ref_nearest(t, m, 4, allowed))
 
 
+def test_two_queue_constraint_matches_the_mask_form():
+    """CMSF-2Q as in the train step: candidates = top-k' of t' in M', then the k candidates nearest t
+    in M by gathering the unconstrained similarities; equals top-k of t in M under a B x K mask."""
+    t, t_prev, m, m_prev = unit(8, 16), unit(8, 16), unit(120, 16), unit(120, 16)
+    cands = ops.nearest_neighbours(t_prev, m_prev, 10)
+    got = ops.nearest_among_from_sims(ops.similarities(t, m), cands, 5).numpy()
+    allowed = np.zeros((8, 120), bool)
+    np.put_along_axis(allowed, ref_nearest(t_prev, m_prev, 10, np.ones((8, 120), bool)), True, axis=1)
+    np.testing.assert_array_equal(got, ref_nearest(t, m, 5, allowed))
+    np.testing.assert_array_equal(got, ops.nearest_among(t, m, cands, 5).numpy())
+
+
 def test_nearest_among_builds_no_batch_by_bank_tensor():
     # Graph-level check that the only large intermediate is the [B, C, D] gather, not [B, K].
     fn = tf.function(ops.nearest_among).get_concrete_function(

@@ -52,9 +52,15 @@ def checkpoint_state(model_dir):
             if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
-def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice):
+METHOD_FLAGS = {"msf": [], "cmsf_2q": ["--method=cmsf_2q", "--topk_prime=4"],
+                "cmsf_km": ["--method=cmsf_km", "--num_clusters=4", "--kmeans_iters=3"]}
+PER_IMAGE_STATE = {"msf": (), "cmsf_2q": ("pool", "previous_bank"), "cmsf_km": ("pool", "cluster_ids")}
+
+
+@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km"])
+def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     flags = [f"--data_dir={fmnist_slice}", "--epochs=2", "--steps_per_epoch=4", "--deterministic",
-             "--noknn_eval"]
+             "--noknn_eval", *METHOD_FLAGS[method]]
     straight = tmp_path / "straight"
     out = train(*flags, f"--model_dir={straight}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -74,6 +80,11 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice):
     # The state that must continue: bank rows, labels, ids and pointer, optimizer iterations and slots.
     for key in ("bank/embeddings", "bank/pointer", "bank/image_indices", "optimizer/iterations"):
         assert any(key.split("/")[0] in n and key.split("/")[1] in n for n in names), key
+    for key in PER_IMAGE_STATE[method]:  # the per-image pool and cluster ids are checkpointed too
+        assert any(key in n for n in names), key
+    if method == "cmsf_km":
+        ids = [v for n, v in a.items() if "cluster_ids" in n][0]
+        assert ids.max() >= 0  # clustered at the end of epoch 1, kept through the resume
     for name in names:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7, err_msg=name)
     assert [v for n, v in a.items() if "iter" in n][0] == 8
@@ -155,13 +166,14 @@ def test_two_replica_mirrored_step_matches_single_device(tmp_path, fmnist_slice)
     # unsynchronized BatchNorm changes every layer's gradient. The gradient of this tiny network at
     # initialisation is numerically touchy: merely swapping the two halves of the batch on one device
     # moves it by 0.8% (relative L2), and the 2-replica step (other summation orders, E[x^2]-E[x]^2 in
-    # synchronized BN) by about 3%, so the bound is 5%.
+    # synchronized BN) by 3-6% depending on the views drawn, so the bound is 10%: a missing "/ replicas"
+    # is 100%, and unsynchronized BN already fails the target check above.
     slots = sorted(n for n in a if n.startswith("optimizer/_variables") and np.ndim(a[n]) > 0)
     ga = np.concatenate([a[n].ravel() for n in slots])
     gb = np.concatenate([b[n].ravel() for n in slots])
     print("relative gradient difference", np.linalg.norm(ga - gb) / np.linalg.norm(ga))
-    assert np.linalg.norm(ga - gb) / np.linalg.norm(ga) < 0.05
-    assert abs(np.dot(ga, gb) / np.dot(gb, gb) - 1) < 0.05
+    assert np.linalg.norm(ga - gb) / np.linalg.norm(ga) < 0.10
+    assert abs(np.dot(ga, gb) / np.dot(gb, gb) - 1) < 0.10
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
@@ -252,3 +264,29 @@ def test_two_worker_processes_train_like_one_device(tmp_path, fmnist_slice):
     np.testing.assert_array_equal(a[ids], b[ids])  # both workers' rows, every batch exactly once
     bank = [n for n in a if "bank" in n and "embeddings" in n][0]
     np.testing.assert_allclose(a[bank][:32], b[bank][:32], atol=1e-3)  # step 1: same targets
+
+
+def test_cmsf_km_and_2q_log_their_metrics_to_tensorboard(tmp_path, fmnist_slice):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    for method in ("cmsf_km", "cmsf_2q"):
+        model_dir = tmp_path / method
+        out = train(f"--data_dir={fmnist_slice}", "--epochs=2", "--steps_per_epoch=2", "--noknn_eval",
+                    *METHOD_FLAGS[method], f"--model_dir={model_dir}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        tags = {}
+        for root, _, files in os.walk(model_dir / "tensorboard"):
+            if any("tfevents" in f for f in files):
+                acc = event_accumulator.EventAccumulator(root, size_guidance={event_accumulator.TENSORS: 0})
+                acc.Reload()
+                tags.update({t: acc.Tensors(t) for t in acc.Tags()["tensors"]})
+        assert "train/purity_unconstrained" in tags and "train/purity" in tags
+        if method == "cmsf_km":
+            assert "constraint is off (loss = MSF)" in out.stdout + out.stderr
+            sizes = tf.make_ndarray(tags["kmeans/cluster_size"][-1].tensor_proto)
+            assert sizes.shape[1] == 3 and sizes[:, 2].sum() == 4  # a histogram of the 4 cluster sizes
+            assert [e.step for e in tags["epoch/kmeans_inertia"]] == [1, 2]
+        else:
+            ranks = [float(tf.make_ndarray(e.tensor_proto)) for e in tags["train/constrained_rank"]]
+            assert all(r >= 0 for r in ranks)

@@ -1,6 +1,8 @@
 """--method name -> MeanShift subclass."""
 
 from cmsf_tf.methods.byol import BYOL
+from cmsf_tf.methods.cmsf_2q import CMSF2Q
+from cmsf_tf.methods.cmsf_km import CMSFKM
 from cmsf_tf.methods.cmsf_sup import CMSFSup
 from cmsf_tf.methods.msf import MSF
 
@@ -8,4 +10,6 @@ METHODS = {
     "byol": BYOL,
     "msf": MSF,
     "cmsf_sup": CMSFSup,
+    "cmsf_2q": CMSF2Q,
+    "cmsf_km": CMSFKM,
 }

@@ -7,7 +7,10 @@ projector), the memory bank, the metrics and the train-step skeleton:
   strong view -> online + predictor -> q
   neighbour sets of t in the bank (a method's hook) -> loss = sum_w w * mean_shift_loss(q, bank, set)
 
-A method overrides `neighbour_sets` (its constraint) and, when it constrains by labels, `bank_labels`.
+A method overrides `neighbour_sets` (its constraint) and, where it needs them, `bank_labels`,
+`write_state` (per-image state written with the gathered batch) and `extra_metrics`. When a method
+returns two neighbour sets (constrained first, unconstrained second), `purity` is measured on the
+first and `purity_unconstrained` on the second.
 """
 
 import keras
@@ -47,6 +50,8 @@ class MeanShift(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.purity_tracker = keras.metrics.Mean(name="purity")
         self.label_purity_tracker = keras.metrics.Mean(name="label_purity")
+        self.unconstrained_purity_tracker = keras.metrics.Mean(name="purity_unconstrained")
+        self.extra_trackers = {name: keras.metrics.Mean(name=name) for name in self.extra_metric_names}
         self._copy_online_to_target()
         self.built = True  # every weight exists now; custom-train_step models are otherwise never marked built
 
@@ -86,9 +91,12 @@ class MeanShift(keras.Model):
         # "trainable" variable, target included, doubling the optimizer's memory.
         self.optimizer.build(self.online_variables)
 
+    extra_metric_names = ()
+
     @property
     def metrics(self):
-        return [self.loss_tracker, self.purity_tracker, self.label_purity_tracker]
+        return [self.loss_tracker, self.purity_tracker, self.label_purity_tracker,
+                self.unconstrained_purity_tracker, *self.extra_trackers.values()]
 
     # ----- forward passes -----
     def call(self, images, training=False):
@@ -115,12 +123,21 @@ class MeanShift(keras.Model):
         The default is MSF's: the unconstrained top-k."""
         return [(1.0, ops.top_k_indices(sims, self.topk))]
 
+    def write_state(self, targets, labels, true_labels, indices):
+        """Called with the batch gathered from all replicas right after the bank write (the same rows
+        on every replica): where per-image state (pools) is updated."""
+
+    def extra_metrics(self, batch, sims, sets):
+        """{name in extra_metric_names: scalar} averaged over the epoch like the loss."""
+        return {}
+
     # ----- the step -----
     def train_step(self, batch):
         targets = self.target_embedding(batch["weak"])
         rows = distribute.gather(
             targets, self.bank_labels(batch, targets), batch["true_label"], batch["index"])
         self.bank.write(*rows)
+        self.write_state(*rows)
         bank = tf.stop_gradient(tf.convert_to_tensor(self.bank.embeddings))
         sims = ops.similarities(targets, bank)
         sets = self.neighbour_sets(batch, targets, sims)
@@ -152,6 +169,13 @@ class MeanShift(keras.Model):
         logs = {"loss": self.loss_tracker.result(), "purity": self.purity_tracker.result(),
                 "label_purity": self.label_purity_tracker.result(),
                 "lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
+        if len(sets) > 1:
+            self.unconstrained_purity_tracker.update_state(
+                ops.purity(batch["true_label"], tf.convert_to_tensor(self.bank.true_labels), sets[-1][1]))
+            logs["purity_unconstrained"] = self.unconstrained_purity_tracker.result()
+        for name, value in self.extra_metrics(batch, sims, sets).items():
+            self.extra_trackers[name].update_state(value)
+            logs[name] = self.extra_trackers[name].result()
         if distribute.is_multi_worker():
             # Keras reduces logs across workers with axis=0, which fails on scalars
             # (tensorflow/tensorflow#72388): give it one-element vectors to reduce.

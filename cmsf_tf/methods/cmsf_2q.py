@@ -1,0 +1,67 @@
+"""CMSF-2Q: constrain the neighbours of t to those that the previous view t' of the same image would
+also choose.
+
+A per-image pool keeps each image's two most recent target embeddings. After this step's targets are
+written, the other slot holds t' (the previous view). A second bank M' parallel to the bank M holds,
+for every row, the previous view of that row's image (written with the row, so M' costs no K x D
+gather per step). Constraint set C = top-k' of t' in M'; constrained neighbours = the k rows of C most
+similar to t in M (their similarities are gathered from the unconstrained search: O(B k')).
+Loss = 1/2 constrained + 1/2 unconstrained. An image without a previous view (its first epoch) uses
+its current view as t', so epoch 1 is MSF-like.
+
+`third_view=True` is the paper's text variant: t' is the target of a third augmentation of the same
+image, computed every step (one more target forward pass per image) instead of read from the pool.
+"""
+
+import tensorflow as tf
+
+from cmsf_tf import ops
+from cmsf_tf.memory import ImagePool, MemoryBank
+from cmsf_tf.methods.base import MeanShift
+
+# Queries of each replica batch whose constrained neighbours are ranked in the unconstrained order
+# (ranking costs B x k x K comparisons; a sample keeps the metric cheap).
+RANK_SAMPLE = 32
+
+
+class CMSF2Q(MeanShift):
+    extra_metric_names = ("constrained_rank",)
+
+    def __init__(self, *, num_images, topk_prime=5, pool_dtype="float32", third_view=False, **kwargs):
+        super().__init__(**kwargs)
+        if topk_prime < self.topk:
+            raise ValueError(f"--topk_prime {topk_prime} must be at least --topk {self.topk}")
+        self.topk_prime = int(topk_prime)
+        self.third_view = bool(third_view)
+        self.previous_bank = MemoryBank(self.bank.size, self.embedding_dim, seed=1, name="previous_bank")
+        self.pool = None if third_view else ImagePool(num_images, self.embedding_dim, slots=2, dtype=pool_dtype,
+                                                      name="pool")
+        self.built = True
+
+    def write_state(self, targets, labels, true_labels, indices):
+        if self.pool is None:
+            previous = targets  # the third view plays t' for the query; M' holds the same rows as M
+        else:
+            self.pool.write(indices, targets)
+            previous = self.pool.previous(indices, fallback=targets)
+        self.previous_bank.write(previous, labels, true_labels, indices)
+
+    def previous_view(self, batch, targets):
+        if self.pool is None:
+            return self.target_embedding(batch["third"])
+        return self.pool.previous(batch["index"], fallback=targets)
+
+    def neighbour_sets(self, batch, targets, sims):
+        t_prev = self.previous_view(batch, targets)
+        candidates = ops.nearest_neighbours(t_prev, tf.convert_to_tensor(self.previous_bank.embeddings),
+                                            self.topk_prime)
+        constrained = ops.nearest_among_from_sims(sims, candidates, self.topk)
+        return [(0.5, constrained), (0.5, ops.top_k_indices(sims, self.topk))]
+
+    def extra_metrics(self, batch, sims, sets):
+        """Mean 0-based rank of the constrained neighbours in the unconstrained order: "distant yet
+        related" neighbours rank beyond k - 1."""
+        sample = sims[:RANK_SAMPLE]
+        chosen = tf.gather(sample, sets[0][1][:RANK_SAMPLE], batch_dims=1)  # [b, k]
+        ranks = tf.reduce_sum(tf.cast(sample[:, None, :] > chosen[:, :, None], tf.float32), axis=-1)
+        return {"constrained_rank": tf.reduce_mean(ranks)}
