@@ -62,7 +62,7 @@ def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192):
     points chosen with the seed) or "kmeans++". An empty cluster is re-seeded with the point that is
     currently farthest from its centroid, so all k clusters stay in use.
     """
-    x = tf.convert_to_tensor(x, tf.float32)
+    x = tf.cast(x, tf.float32)
     n = tf.shape(x)[0]
     if init == "kmeans++":
         centroids = _kmeans_pp(x, k, seed, trials=2 + int(math.log(k)))
