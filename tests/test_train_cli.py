@@ -90,16 +90,39 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     assert [v for n, v in a.items() if "iter" in n][0] == 8
 
 
+@pytest.mark.parametrize("method", ["cmsf_2q", "cmsf_km"])
+def test_two_replicas_keep_the_per_image_state_of_one_device(tmp_path, fmnist_slice, method):
+    """The pools (and k-means ids) are ONLY_FIRST_REPLICA variables written with gathered rows: under 2
+    replicas they must hold what one device holds, every image of the batch included."""
+    flags = [f"--data_dir={fmnist_slice}", *METHOD_FLAGS[method], "--epochs=1", "--steps_per_epoch=1",
+             "--noknn_eval", "--deterministic"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train(*flags, f"--model_dir={one}").returncode == 0
+    out = train(*flags, f"--model_dir={two}", "--strategy=mirrored", "--cpu_devices=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = checkpoint_state(one), checkpoint_state(two)
+    writes = [n for n in a if "pool" in n and "writes" in n][0]
+    np.testing.assert_array_equal(a[writes], b[writes])
+    assert a[writes].sum() == 32  # the whole global batch, once
+    pool = [n for n in a if "pool" in n and "embeddings" in n][0]
+    np.testing.assert_allclose(a[pool], b[pool], atol=1e-3)
+    if method == "cmsf_km":
+        ids = [n for n in a if "cluster_ids" in n][0]
+        assert (a[ids] >= 0).sum() == (b[ids] >= 0).sum() == 32  # clustered under the strategy too
+
+
 @pytest.mark.parametrize("flag,pattern", [
     ("--method=simclr", r"unknown --method 'simclr'"),
     ("--arch=vgg", r"unknown --arch 'vgg'"),
     ("--dataset=mnist", r"unknown --dataset 'mnist'"),
     ("--bank_size=100", r"--bank_size 100 is not a multiple of the global --batch_size 32"),
     ("--topk=500", r"--topk 500 is larger than --bank_size 128"),
+    ("--method=cmsf_2q --topk_prime=2", r"--topk_prime 2 must be at least --topk 3"),
+    ("--pool_dtype=float16", r"unknown --pool_dtype 'float16'"),
     ("--data_dir=/nonexistent/fmnist", r"--data_dir /nonexistent/fmnist does not exist"),
 ])
 def test_bad_flag_values_fail_with_one_sentence(tmp_path, fmnist_slice, flag, pattern):
-    args = [f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path / 'run'}", flag]
+    args = [f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path / 'run'}", *flag.split()]
     assert_one_sentence_error(train(*args), pattern)
 
 
