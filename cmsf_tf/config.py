@@ -58,6 +58,8 @@ flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-strati
                     "file of image names (the official ImageNet 1%/10% lists; tools/make_label_split.py); the "
                     "other training images get label -1. Empty: every image is labelled.")
 flags.DEFINE_float("label_noise", 0.0, "Percent of training labels replaced by another class (seeded by --seed).")
+flags.DEFINE_string("label_noise_file", "", "A corruption list instead: lines '<image name> <label>' that replace "
+                    "those images' training labels (names as in --label_split files).")
 flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
 flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
 flags.DEFINE_string("strategy", "default", f"tf.distribute strategy: {', '.join(_STRATEGIES)}.")
@@ -108,6 +110,7 @@ class Config:
     crop_min_scale: float
     label_split: str
     label_noise: float
+    label_noise_file: str
     blur_prob: float
     proj_hidden: int
     proj_dim: int
@@ -195,6 +198,8 @@ def validate(cfg):
         raise UsageError(f"--max_corrupt_fraction must be in [0, 1] (got {cfg.max_corrupt_fraction})")
     if not 0 <= cfg.label_noise < 100:
         raise UsageError(f"--label_noise must be in [0, 100) percent (got {cfg.label_noise})")
+    if cfg.label_noise_file and (cfg.label_noise or not os.path.isfile(cfg.label_noise_file)):
+        raise UsageError(f"--label_noise_file {cfg.label_noise_file} does not exist or is combined with --label_noise")
     if cfg.label_split:
         label_split_percent(cfg.label_split)
     if not 0 <= cfg.ema_momentum < 1:

@@ -19,7 +19,8 @@ from cmsf_tf import config
 # Flags whose change would make a checkpoint in --model_dir mean something else.
 _RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
                  "topk_prime", "cmsf_2q_view", "pool_dtype", "num_clusters",
-                 "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise")
+                 "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise",
+                 "label_noise_file")
 
 
 def prepare_model_dir(cfg):
@@ -67,6 +68,9 @@ def training_labels(cfg, source):
     percent = config.label_split_percent(cfg.label_split) if cfg.label_split else None
     names = splits.read_names(cfg.label_split) if cfg.label_split and percent is None else None
     if source.train_labels is None:
+        if cfg.label_noise_file:
+            raise config.UsageError(f"--label_noise_file needs labels known up front, which {cfg.dataset} "
+                                    "streams; convert it with tools/folder_to_tfrecord.py")
         plan = dict(num_classes=source.num_classes)
         if cfg.label_noise:
             plan["shift"] = splits.noise_shift(source.num_train, cfg.label_noise, source.num_classes, cfg.seed)
@@ -78,6 +82,12 @@ def training_labels(cfg, source):
     labels = source.train_labels
     if cfg.label_noise:
         labels = splits.noisy_labels(labels, cfg.label_noise, source.num_classes, cfg.seed)
+    if cfg.label_noise_file:
+        try:
+            labels = splits.corrupted_labels(labels, source.train_names, splits.read_corruptions(cfg.label_noise_file),
+                                             source.num_classes)
+        except ValueError as e:
+            raise config.UsageError(f"--label_noise_file: {e}") from None
     if percent is not None:
         labels = splits.training_labels(labels, splits.percent_split(source.train_labels, percent, cfg.seed))
     elif names is not None:

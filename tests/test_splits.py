@@ -51,3 +51,23 @@ def test_noise_outside_range_is_refused():
         with pytest.raises(ValueError, match=r"\[0, 100\)"):
             splits.noisy_labels(LABELS, bad, 10, seed=0)
     assert (splits.noisy_labels(LABELS, 0, 10, seed=0) == LABELS).all()
+
+
+def test_corruption_list_replaces_exactly_the_listed_labels(tmp_path):
+    path = tmp_path / "noise.txt"
+    path.write_text("# name label\nimg_3.JPEG 0\nimg_5 2\n")
+    names = [f"img_{i}" for i in range(8)]
+    labels = np.arange(8) % 3
+    got = splits.corrupted_labels(labels, names, splits.read_corruptions(str(path)), 3)
+    want = labels.copy()
+    want[3], want[5] = 0, 2
+    np.testing.assert_array_equal(got, want)
+    path.write_text("img_9 1\nimg_1 1\n")
+    with pytest.raises(ValueError, match=r"names 1 images that are not in the data set \(first: img_9\)"):
+        splits.corrupted_labels(labels, names, splits.read_corruptions(str(path)), 3)
+    path.write_text("img_1 7\n")
+    with pytest.raises(ValueError, match="labels outside 0..2"):
+        splits.corrupted_labels(labels, names, splits.read_corruptions(str(path)), 3)
+    path.write_text("img_1\n")
+    with pytest.raises(ValueError, match="line 1 of .* is not '<image name> <label>'"):
+        splits.read_corruptions(str(path))

@@ -94,3 +94,33 @@ def noisy_labels(labels, percent, num_classes, seed):
     """int32[N]: exactly round(N * percent / 100) labels replaced by a different class drawn uniformly."""
     labels = np.asarray(labels, np.int32)
     return (labels + noise_shift(len(labels), percent, num_classes, seed)) % num_classes
+
+
+def read_corruptions(path):
+    """{image name: label} of a corruption list: lines '<image name> <label>', '#' lines comments."""
+    out = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+                raise ValueError(f"line {number} of {path} is not '<image name> <label>'")
+            out[image_name(fields[0])] = int(fields[1])
+    return out
+
+
+def corrupted_labels(labels, names, corruptions, num_classes):
+    """int32[N]: `labels` with the listed images' labels replaced; unknown names or labels outside
+    [0, num_classes) are errors (the first few are named)."""
+    index = {image_name(n): i for i, n in enumerate(names)}
+    unknown = [n for n in corruptions if n not in index]
+    if unknown:
+        raise ValueError(f"the corruption list names {len(unknown)} images that are not in the data set "
+                         f"(first: {', '.join(unknown[:5])})")
+    bad = [n for n, y in corruptions.items() if not 0 <= y < num_classes]
+    if bad:
+        raise ValueError(f"the corruption list gives labels outside 0..{num_classes - 1} (first: {bad[0]})")
+    out = np.asarray(labels, np.int32).copy()
+    out[[index[n] for n in corruptions]] = list(corruptions.values())
+    return out
