@@ -115,8 +115,9 @@ def test_streamed_tfds_imagenet_has_stable_indices():
         assert isinstance(src, sources.RecordSource) and src.num_train == 12 and src.num_classes == 1000
         got = collect(stream(src, 3, epochs=(0, 2)))
         again = collect(stream(src, 3, epochs=(0, 2)))
-        images, labels = pipeline.eval_split(src, "test", 24, 5)
-        assert next(iter(images)).shape == (5, 24, 24, 3) and len(labels) == 12
+        batches = list(pipeline.eval_split(src, "test", 24, 5))
+        labels = np.concatenate([y.numpy() for _, y in batches])
+        assert batches[0][0].shape == (5, 24, 24, 3) and len(labels) == 12
     assert sorted(got["index"][:12]) == list(range(12)) and sorted(got["index"][12:]) == list(range(12))
     np.testing.assert_array_equal(got["index"], again["index"])
     np.testing.assert_array_equal(got["true_label"], again["true_label"])

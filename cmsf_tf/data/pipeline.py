@@ -231,35 +231,31 @@ def _record_stream(source, seed, per_epoch, start_epoch, end_epoch, pipelines, p
 
 
 def eval_dataset(images, image_size, batch_size):
-    """Deterministic eval-transformed images, in order: `images` is a uint8 array [N, H, W, C], a list
-    of image file paths, or a tf.data.Dataset of images or encoded bytes."""
-    if isinstance(images, tf.data.Dataset):
-        ds = images
-    elif isinstance(images, np.ndarray) and images.dtype.kind in "US":
-        ds = tf.data.Dataset.from_tensor_slices(images).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(images)
+    """Deterministic eval-transformed uint8 `images` [N, H, W, C], in order."""
+    ds = tf.data.Dataset.from_tensor_slices(images)
     ds = ds.map(lambda im: augment.eval_view(im, image_size), num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
 def eval_split(source, split, image_size, batch_size):
-    """(dataset of eval-view batches, int32 labels [N]) of a source's "train" or "test" split, in
-    index order."""
-    if isinstance(source, sources.InMemorySource):
-        images = source.train_images if split == "train" else source.test_images
-        labels = source.train_labels if split == "train" else source.test_labels
-        return eval_dataset(images, image_size, batch_size), np.asarray(labels)
-    if isinstance(source, sources.FileSource):
-        files = source.train_files if split == "train" else source.test_files
-        labels = source.train_labels if split == "train" else source.test_labels
-        return eval_dataset(files, image_size, batch_size), np.asarray(labels)
-    if source.kind == "tfds":
-        ds = _tfds_split(source, "train" if split == "train" else source.test_split)
+    """Batches of (eval-view images, int32 labels) of a source's "train" or "test" split, read in one
+    pass: in index order for random-access sources, file order for record sources."""
+    if isinstance(source, (sources.InMemorySource, sources.FileSource)):
+        train = split == "train"
+        if isinstance(source, sources.InMemorySource):
+            images = source.train_images if train else source.test_images
+        else:
+            images = source.train_files if train else source.test_files
+        labels = source.train_labels if train else source.test_labels
+        ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
+        if isinstance(source, sources.FileSource):
+            ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
     else:
-        files = source.train_files if split == "train" else source.test_files
-        ds = tf.data.TFRecordDataset(list(files)).map(parse_tfrecord)
-    # Records come in file order; labels are read alongside the images (one pass).
-    labels = np.fromiter(ds.map(lambda i, p: p[1]).as_numpy_iterator(), np.int64).astype(np.int32)
-    images = ds.map(lambda i, p: p[0])
-    return eval_dataset(images, image_size, batch_size), labels
+        if source.kind == "tfds":
+            ds = _tfds_split(source, "train" if split == "train" else source.test_split)
+        else:
+            ds = tf.data.TFRecordDataset(list(source.train_files if split == "train" else source.test_files))
+            ds = ds.map(parse_tfrecord)
+        ds = ds.map(lambda index, payload: (payload[0], tf.cast(payload[1], tf.int32)))
+    ds = ds.map(lambda image, label: (augment.eval_view(image, image_size), label), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)

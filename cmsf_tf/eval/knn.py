@@ -7,14 +7,26 @@ from cmsf_tf import ops
 from cmsf_tf.data import pipeline
 
 
-def extract_features(encoder, images, image_size=None, batch_size=512):
-    """float32 [N, D] unit-length features. `images`: a dataset of eval-view batches
-    (pipeline.eval_split), or uint8 images [N, H, W, C] given with `image_size`."""
-    if not isinstance(images, tf.data.Dataset):
-        images = pipeline.eval_dataset(images, image_size, batch_size)
-    fn = tf.function(lambda x: ops.l2_normalize(encoder(x, training=False)))
-    chunks = [fn(batch).numpy() for batch in images]
+def _encode(encoder):
+    return tf.function(lambda x: ops.l2_normalize(encoder(x, training=False)))
+
+
+def extract_features(encoder, images, image_size, batch_size=512):
+    """float32 [N, D] unit-length features of uint8 `images` under the deterministic eval transform."""
+    fn = _encode(encoder)
+    chunks = [fn(batch).numpy() for batch in pipeline.eval_dataset(images, image_size, batch_size)]
     return np.concatenate(chunks, axis=0)
+
+
+def features_and_labels(encoder, batches):
+    """(float32 [N, D] unit-length features, int32 [N] labels) of (images, labels) batches
+    (pipeline.eval_split), in one pass over the data."""
+    fn = _encode(encoder)
+    feats, labels = [], []
+    for images, batch_labels in batches:
+        feats.append(fn(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(feats, axis=0), np.concatenate(labels).astype(np.int32)
 
 
 def search(index_features, query_features, k, mode="exact"):
