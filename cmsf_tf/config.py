@@ -214,3 +214,157 @@ def validate(cfg):
         raise UsageError(f"--topk {cfg.topk} is larger than --bank_size {cfg.bank_size}")
     if cfg.cpu_devices > 1 and cfg.strategy != "mirrored":
         raise UsageError("--cpu_devices > 1 needs --strategy=mirrored")
+
+
+# ----- python -m cmsf_tf.evaluate / python -m cmsf_tf.export -----
+PROTOCOLS = ("knn", "linear", "finetune", "transfer")
+# The paper's transfer data sets that TFDS has (FGVC Aircraft is not in TFDS: add it as folder:PATH).
+TRANSFER_DATASETS = ("cifar10", "cifar100", "food101", "sun397", "cars196", "dtd", "oxford_iiit_pet",
+                     "caltech101", "oxford_flowers102")
+
+flags.DEFINE_string("checkpoint", "", "evaluate/export: checkpoint prefix (default: the newest in --model_dir).")
+flags.DEFINE_string("encoder", "online", "evaluate/export: the online backbone or the EMA target's.")
+flags.DEFINE_string("saved_model", "", "evaluate: an exported SavedModel instead of a checkpoint (results go to "
+                    "--model_dir/eval/).")
+flags.DEFINE_string("export_dir", "", "export: the SavedModel directory to write.")
+flags.DEFINE_list("knn_k", ["1", "20"], "knn: numbers of neighbours.")
+flags.DEFINE_string("knn_vote", "majority", "knn: majority (the paper's code) or weighted (exp(sim / T) per "
+                    "neighbour, T = --knn_temperature).")
+flags.DEFINE_float("knn_temperature", 0.07, "knn: temperature of the weighted vote.")
+flags.DEFINE_string("knn_search", "exact", "knn: ScaNN brute force (exact) or tree + hashing + re-ranking (approx).")
+flags.DEFINE_bool("cache_features", True, "knn/linear: keep extracted features in --model_dir/eval/features/ and "
+                  "reuse them (a re-run with another k or vote is instant).")
+flags.DEFINE_string("index_split", "all", "knn: the index is all training images, or only the labelled ones of "
+                    "--label_split (semi-supervised 1-NN).")
+flags.DEFINE_integer("linear_epochs", 40, "linear: epochs.")
+flags.DEFINE_float("linear_lr", 0.01, "linear: SGD learning rate (momentum 0.9).")
+flags.DEFINE_list("linear_milestones", ["15", "30"], "linear: epochs after which the lr is divided by 10.")
+flags.DEFINE_integer("linear_batch_size", 256, "linear: batch size.")
+flags.DEFINE_float("linear_weight_decay", 0.0, "linear: L2 penalty on the weights.")
+flags.DEFINE_bool("linear_augment", False, "linear: train on features of augmented views (random resized crop + "
+                  "flip, one backbone pass per image per epoch) instead of cached centre-crop features.")
+flags.DEFINE_integer("finetune_epochs", 20, "finetune: epochs (paper: 20).")
+flags.DEFINE_float("finetune_lr", 0.001, "finetune: backbone learning rate (paper: 0.001), cosine decay.")
+flags.DEFINE_float("finetune_head_lr", 0.01, "finetune: learning rate of the new linear head.")
+flags.DEFINE_integer("finetune_batch_size", 256, "finetune: batch size.")
+flags.DEFINE_float("finetune_weight_decay", 0.0, "finetune: L2 penalty on every weight.")
+flags.DEFINE_list("transfer_datasets", list(TRANSFER_DATASETS), "transfer: TFDS names, or folder:PATH / tfrecord:PATH.")
+flags.DEFINE_string("transfer_data_dir", "", "transfer: TFDS data dir of the transfer data sets.")
+flags.DEFINE_list("transfer_l2", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], "transfer: L2 strengths tried.")
+flags.DEFINE_float("transfer_val_fraction", 0.2, "transfer: part of each training set held out to choose the L2.")
+flags.DEFINE_integer("transfer_steps", 300, "transfer: full-batch optimisation steps per fit.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    protocol: str
+    model_dir: str
+    checkpoint: str
+    encoder: str
+    saved_model: str
+    dataset: object  # None: the run's (flags.json)
+    data_dir: object
+    class_list: object
+    label_split: object
+    image_size: object  # None: the model's
+    seed: int
+    eval_batch_size: int
+    knn_k: tuple
+    knn_vote: str
+    knn_temperature: float
+    knn_search: str
+    cache_features: bool
+    index_split: str
+    linear_epochs: int
+    linear_lr: float
+    linear_milestones: tuple
+    linear_batch_size: int
+    linear_weight_decay: float
+    linear_augment: bool
+    finetune_epochs: int
+    finetune_lr: float
+    finetune_head_lr: float
+    finetune_batch_size: int
+    finetune_weight_decay: float
+    transfer_datasets: tuple
+    transfer_data_dir: str
+    transfer_l2: tuple
+    transfer_val_fraction: float
+    transfer_steps: int
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _ints(name, values, minimum):
+    try:
+        out = tuple(int(v) for v in values)
+    except ValueError:
+        raise UsageError(f"--{name} must be a comma-separated list of integers (got {','.join(values)})") from None
+    if not out or min(out) < minimum:
+        raise UsageError(f"--{name} values must be at least {minimum} (got {','.join(values)})")
+    return out
+
+
+def eval_from_flags(protocol):
+    """The validated EvalConfig of `python -m cmsf_tf.evaluate PROTOCOL --flags`. Data flags not given
+    on the command line are None: the run's own (flags.json) apply."""
+    _choice(protocol, "protocol", PROTOCOLS)
+    given = lambda name: FLAGS[name].value if FLAGS[name].present else None  # noqa: E731
+    try:
+        l2 = tuple(float(v) for v in FLAGS.transfer_l2)
+    except ValueError:
+        raise UsageError(f"--transfer_l2 must be a list of numbers (got {','.join(FLAGS.transfer_l2)})") from None
+    cfg = EvalConfig(
+        protocol=protocol, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, encoder=FLAGS.encoder,
+        saved_model=FLAGS.saved_model, dataset=given("dataset"), data_dir=given("data_dir"),
+        class_list=given("class_list"), label_split=given("label_split"), image_size=given("image_size"),
+        seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,
+        knn_k=_ints("knn_k", FLAGS.knn_k, 1), knn_vote=FLAGS.knn_vote, knn_temperature=FLAGS.knn_temperature,
+        knn_search=FLAGS.knn_search, cache_features=FLAGS.cache_features, index_split=FLAGS.index_split,
+        linear_epochs=FLAGS.linear_epochs, linear_lr=FLAGS.linear_lr,
+        linear_milestones=_ints("linear_milestones", FLAGS.linear_milestones, 0) if FLAGS.linear_milestones else (),
+        linear_batch_size=FLAGS.linear_batch_size, linear_weight_decay=FLAGS.linear_weight_decay,
+        linear_augment=FLAGS.linear_augment, finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
+        finetune_head_lr=FLAGS.finetune_head_lr, finetune_batch_size=FLAGS.finetune_batch_size,
+        finetune_weight_decay=FLAGS.finetune_weight_decay, transfer_datasets=tuple(FLAGS.transfer_datasets),
+        transfer_data_dir=FLAGS.transfer_data_dir, transfer_l2=l2, transfer_val_fraction=FLAGS.transfer_val_fraction,
+        transfer_steps=FLAGS.transfer_steps)
+    _choice(cfg.encoder, "encoder", ("online", "target"))
+    _choice(cfg.knn_vote, "knn_vote", ("majority", "weighted"))
+    _choice(cfg.knn_search, "knn_search", ("exact", "approx"))
+    _choice(cfg.index_split, "index_split", ("all", "labelled"))
+    for name in ("linear_epochs", "linear_batch_size", "finetune_epochs", "finetune_batch_size", "eval_batch_size",
+                 "transfer_steps"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("linear_lr", "finetune_lr", "finetune_head_lr", "knn_temperature"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name} must be positive (got {getattr(cfg, name)})")
+    if not 0 < cfg.transfer_val_fraction < 1:
+        raise UsageError(f"--transfer_val_fraction must be in (0, 1) (got {cfg.transfer_val_fraction})")
+    if cfg.dataset is not None and not sources.is_known(cfg.dataset):
+        raise UsageError(f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
+    if cfg.label_split:
+        label_split_percent(cfg.label_split)
+    if cfg.saved_model and cfg.checkpoint:
+        raise UsageError("give --saved_model or --checkpoint, not both")
+    if cfg.saved_model and cfg.protocol == "finetune":
+        raise UsageError("finetune needs a training checkpoint (--model_dir of a run), not a SavedModel")
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    model_dir: str
+    checkpoint: str
+    encoder: str
+    export_dir: str
+
+
+def export_from_flags():
+    cfg = ExportConfig(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.export_dir)
+    _choice(cfg.encoder, "encoder", ("online", "target"))
+    if not cfg.export_dir:
+        raise UsageError("--export_dir is required: where to write the SavedModel")
+    return cfg

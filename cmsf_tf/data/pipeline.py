@@ -237,25 +237,60 @@ def eval_dataset(images, image_size, batch_size):
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
-def eval_split(source, split, image_size, batch_size):
+def eval_split(source, split, image_size, batch_size, keep=None):
     """Batches of (eval-view images, int32 labels) of a source's "train" or "test" split, read in one
-    pass: in index order for random-access sources, file order for record sources."""
+    pass: in index order for random-access sources, file order for record sources. `keep`: a tf
+    function (index, label, name) -> bool selecting examples (e.g. the labelled subset) before decoding."""
     if isinstance(source, (sources.InMemorySource, sources.FileSource)):
         train = split == "train"
         if isinstance(source, sources.InMemorySource):
             images = source.train_images if train else source.test_images
+            names = np.arange(len(images)).astype(str)
         else:
             images = source.train_files if train else source.test_files
+            names = images
         labels = source.train_labels if train else source.test_labels
-        ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
-        if isinstance(source, sources.FileSource):
-            ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.arange(len(labels), dtype=np.int64), (images, np.asarray(labels, np.int32), names)))
     else:
         if source.kind == "tfds":
             ds = _tfds_split(source, "train" if split == "train" else source.test_split)
         else:
             ds = tf.data.TFRecordDataset(list(source.train_files if split == "train" else source.test_files))
             ds = ds.map(parse_tfrecord)
-        ds = ds.map(lambda index, payload: (payload[0], tf.cast(payload[1], tf.int32)))
+    if keep is not None:
+        ds = ds.filter(lambda index, payload: keep(index, tf.cast(payload[1], tf.int32), payload[2]))
+    ds = ds.map(lambda index, payload: (payload[0], tf.cast(payload[1], tf.int32)))
+    if isinstance(source, sources.FileSource):
+        ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda image, label: (augment.eval_view(image, image_size), label), num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def labelled_dataset(source, labels, image_size, batch_size, seed, epoch, crop_min_scale=0.08):
+    """One epoch of (weak view, int32 label) batches of the examples `labels` (a LabelPlan) marks as
+    labelled, freshly shuffled per (seed, epoch); the last batch may be smaller. Random-access sources
+    read only the labelled examples; record sources are read whole and filtered."""
+    label_fn = labels.make_fn()
+    if isinstance(source, sources.RecordSource):
+        read = lambda index, payload, true_labels: payload  # noqa: E731
+        ds = _record_stream(source, seed, source.num_train, epoch, epoch + 1, 1, 0, 10_000)
+        true_labels = None
+    else:
+        read = _reader(source)
+        true_labels = tf.constant(_true_labels(source))
+        chosen = np.flatnonzero(np.asarray(labels.labels) >= 0) if labels.labels is not None else np.arange(source.num_train)
+        order = tf.gather(tf.constant(chosen, tf.int64), epoch_order(len(chosen), seed, epoch))
+        ds = tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(order), tf.constant(epoch, tf.int64)), order, order))
+
+    def example(epoch_, index, payload):
+        image, true_label, name = read(index, payload, true_labels)
+        return image, label_fn(index, true_label, name), index
+
+    ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True).filter(lambda image, label, index: label >= 0)
+
+    def view(image, label, index):
+        return augment.weak_view(image, image_size, example_seed(seed, epoch, index),
+                                 crop_scale=(crop_min_scale, 1.0)), label
+
+    return ds.map(view, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size).prefetch(AUTOTUNE)

@@ -29,8 +29,9 @@ def features_and_labels(encoder, batches):
     return np.concatenate(feats, axis=0), np.concatenate(labels).astype(np.int32)
 
 
-def search(index_features, query_features, k, mode="exact"):
-    """int64 [Q, k] indices of the k most similar index rows to each query, most similar first."""
+def search(index_features, query_features, k, mode="exact", with_similarities=False):
+    """int64 [Q, k] indices of the k most similar index rows to each query, most similar first (and
+    their float32 [Q, k] similarities with `with_similarities`)."""
     import scann  # imported here: its TF custom ops take a moment to load and only evaluation needs them
 
     if k > len(index_features):
@@ -49,23 +50,59 @@ def search(index_features, query_features, k, mode="exact"):
         searcher = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(max(10 * k, 100)).build()
     else:
         raise ValueError(f"unknown k-NN search mode {mode!r}; choose exact or approx")
-    idx, _ = searcher.search_batched(np.ascontiguousarray(query_features, np.float32), final_num_neighbors=k)
-    return idx.astype(np.int64)
+    idx, sims = searcher.search_batched(np.ascontiguousarray(query_features, np.float32), final_num_neighbors=k)
+    return (idx.astype(np.int64), sims.astype(np.float32)) if with_similarities else idx.astype(np.int64)
+
+
+def vote_counts(neighbour_labels, num_classes, weights=None):
+    """float64 [Q, classes]: per query, the number (or summed `weights`) of neighbours of each class."""
+    counts = np.zeros((len(neighbour_labels), num_classes), np.float64)
+    rows = np.broadcast_to(np.arange(len(neighbour_labels))[:, None], neighbour_labels.shape)
+    np.add.at(counts, (rows, neighbour_labels), 1.0 if weights is None else weights)
+    return counts
 
 
 def majority_vote(neighbour_labels, num_classes):
     """The most frequent label among each row's neighbours; ties go to the smallest label, like
     torch.mode in the reference evaluation code."""
-    counts = np.zeros((len(neighbour_labels), num_classes), np.int64)
-    np.add.at(counts, (np.arange(len(neighbour_labels))[:, None], neighbour_labels), 1)
-    return counts.argmax(axis=1)
+    return vote_counts(neighbour_labels, num_classes).argmax(axis=1)
+
+
+def weighted_vote_counts(neighbour_labels, similarities, num_classes, temperature=0.07):
+    """Class scores of the similarity-weighted vote (InstDisc / DINO k-NN): each neighbour adds
+    exp(similarity / temperature) to its class."""
+    return vote_counts(neighbour_labels, num_classes, np.exp(similarities.astype(np.float64) / temperature))
+
+
+def top_n(scores, n):
+    """int [Q, n] classes with the highest scores, best first; ties to the smallest class (stable)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :n]
+
+
+def knn_report(index_features, index_labels, query_features, query_labels, ks=(1, 20), num_classes=None,
+               mode="exact", vote="majority", temperature=0.07):
+    """{f"knn_top1_k{k}": ..., f"knn_top5_k{k}" (k >= 5): ...} with `vote` majority or weighted."""
+    if vote not in ("majority", "weighted"):
+        raise ValueError(f"unknown k-NN vote {vote!r}; choose majority or weighted")
+    index_labels, query_labels = np.asarray(index_labels), np.asarray(query_labels)
+    num_classes = num_classes or int(max(index_labels.max(), query_labels.max())) + 1
+    idx, sims = search(index_features, query_features, max(ks), mode, with_similarities=True)
+    nbr_labels = index_labels[idx]
+    out = {}
+    for k in ks:
+        if vote == "majority":
+            scores = vote_counts(nbr_labels[:, :k], num_classes)
+        else:
+            scores = weighted_vote_counts(nbr_labels[:, :k], sims[:, :k], num_classes, temperature)
+        best = top_n(scores, min(5, num_classes))
+        out[f"knn_top1_k{k}"] = float(np.mean(best[:, 0] == query_labels))
+        if k >= 5 and num_classes > 5:
+            out[f"knn_top5_k{k}"] = float(np.mean(np.any(best == query_labels[:, None], axis=1)))
+    return out
 
 
 def knn_accuracy(index_features, index_labels, query_features, query_labels, ks=(1, 20), num_classes=None,
                  mode="exact"):
     """{f"knn_top1_k{k}": top-1 accuracy in [0, 1]} for each k, by majority vote."""
-    num_classes = num_classes or int(max(index_labels.max(), query_labels.max())) + 1
-    idx = search(index_features, query_features, max(ks), mode)
-    nbr_labels = np.asarray(index_labels)[idx]
-    return {f"knn_top1_k{k}": float(np.mean(majority_vote(nbr_labels[:, :k], num_classes) == query_labels))
-            for k in ks}
+    report = knn_report(index_features, index_labels, query_features, query_labels, ks, num_classes, mode)
+    return {key: value for key, value in report.items() if key.startswith("knn_top1")}

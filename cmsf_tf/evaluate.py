@@ -1,0 +1,302 @@
+"""Evaluate a representation: python -m cmsf_tf.evaluate {knn,linear,finetune,transfer} --model_dir=RUN
+
+The network is the online backbone of the run's newest checkpoint (--checkpoint, --encoder=target, or
+--saved_model for an export). Data: the run's data set and label split unless --dataset/--data_dir/
+--label_split say otherwise. Each protocol writes --model_dir/eval/<protocol>.json (accuracies, the exact
+settings, the network's origin and step, wall time) and TensorBoard scalars under tensorboard/eval.
+
+  knn       1-NN / 20-NN top-1 (top-5 for k >= 5) of L2-normalised backbone features, ScaNN retrieval
+  linear    the paper's linear probe (standardised features, SGD 40 epochs, lr 0.01, drops at 15/30)
+  finetune  whole network + linear head on the labelled subset (--label_split), 20 epochs, lr 0.001
+  transfer  L2-regularised logistic regression on frozen features of other data sets, one table + mean
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app
+
+from cmsf_tf import config
+
+
+class _Log:
+    def __call__(self, message):
+        print(message, file=sys.stderr, flush=True)
+
+
+def data_settings(cfg, info):
+    """(dataset, data_dir, class_list, label_split, seed): the command line's, else the run's."""
+    run = info.get("run", {})
+    pick = lambda name, default="": getattr(cfg, name) if getattr(cfg, name) is not None else run.get(name, default)  # noqa: E731
+    dataset = pick("dataset", None)
+    if dataset is None:
+        raise config.UsageError("--dataset is needed: the SavedModel does not record its training data")
+    return dataset, pick("data_dir"), pick("class_list"), pick("label_split"), run.get("seed", cfg.seed)
+
+
+def load_source(dataset, data_dir, class_list=""):
+    from cmsf_tf.data import sources
+
+    try:
+        source = sources.load(dataset, data_dir, class_list)
+    except sources.DataError as e:
+        raise config.UsageError(str(e)) from None
+    shape = getattr(source, "image_shape", None)
+    if shape is not None and shape[-1] not in (1, 3):
+        raise config.UsageError(f"{dataset} has images with {shape[-1]} channels; the network takes RGB "
+                                "(grey images are replicated to 3 channels)")
+    return source
+
+
+def label_plan(source, dataset, label_split, seed):
+    """LabelPlan of the labelled subset (true labels, -1 elsewhere), as the training run drew it."""
+    from cmsf_tf import train
+
+    cfg = config.make(dataset=dataset, label_split=label_split or "", seed=seed)
+    return train.training_labels(cfg, source)
+
+
+def labelled_count(plan, source):
+    if plan.labels is not None:
+        return int(np.sum(np.asarray(plan.labels) >= 0))
+    if plan.labelled is not None:
+        return int(np.sum(plan.labelled))
+    return len(plan.labelled_names) if plan.labelled_names else source.num_train
+
+
+class Features:
+    """Extracts (and with --cache_features keeps in eval/features/) L2-normalised features of a split."""
+
+    def __init__(self, encoder, cfg, log):
+        self.encoder, self.cfg, self.log = encoder, cfg, log
+        self.dir = os.path.join(cfg.model_dir, "eval", "features")
+
+    def __call__(self, source, dataset, split, keep=None, keep_name="all"):
+        import keras
+
+        from cmsf_tf.data import pipeline
+        from cmsf_tf.eval import encoder as encoders
+
+        identity = {"network": {k: self.encoder.info.get(k) for k in ("kind", "path", "step", "encoder")},
+                    "dataset": dataset, "split": split, "subset": keep_name, "image_size": self.encoder.image_size}
+        key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        path = os.path.join(self.dir, f"{dataset.replace(':', '_').replace('/', '_')}_{split}_{key}.npz")
+        if self.cfg.cache_features and os.path.isfile(path):
+            cached = np.load(path)
+            self.log(f"{split} features of {dataset} from {path}")
+            return cached["features"], cached["labels"]
+        total = source.num_train if split == "train" else source.num_test
+        bar = keras.utils.Progbar(total, verbose=1 if sys.stderr.isatty() else 0, unit_name="image")
+        self.log(f"extracting {split} features of {dataset} ({total} images) ...")
+        feats, labels = encoders.extract(
+            self.encoder, pipeline.eval_split(source, split, self.encoder.image_size, self.cfg.eval_batch_size, keep),
+            progress=lambda n: bar.update(min(n, total)))
+        if self.cfg.cache_features:
+            os.makedirs(self.dir, exist_ok=True)
+            np.savez(path, features=feats, labels=labels, identity=json.dumps(identity))
+        return feats, labels
+
+
+# ----- protocols -----
+def run_knn(cfg, enc, features, log):
+    from cmsf_tf.eval import knn
+
+    dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
+    source = load_source(dataset, data_dir, class_list)
+    keep, subset = None, "all"
+    if cfg.index_split == "labelled":
+        if not label_split:
+            raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
+        fn = label_plan(source, dataset, label_split, seed).make_fn()
+        keep, subset = (lambda index, label, name: fn(index, label, name) >= 0), f"labelled:{label_split}"
+    index, index_labels = features(source, dataset, "train", keep, subset)
+    queries, query_labels = features(source, dataset, "test")
+    if max(cfg.knn_k) > len(index):
+        raise config.UsageError(f"--knn_k {max(cfg.knn_k)} is larger than the index ({len(index)} images)")
+    log(f"k-NN ({cfg.knn_search} search, {cfg.knn_vote} vote) over {len(index)} images ...")
+    report = knn.knn_report(index, index_labels, queries, query_labels, ks=cfg.knn_k,
+                            num_classes=source.num_classes, mode=cfg.knn_search, vote=cfg.knn_vote,
+                            temperature=cfg.knn_temperature)
+    top1 = report[f"knn_top1_k{max(cfg.knn_k)}"]
+    return {"top1": top1, **({"top5": report[f"knn_top5_k{max(cfg.knn_k)}"]} if f"knn_top5_k{max(cfg.knn_k)}" in report else {}),
+            **report, "dataset": dataset, "index_size": len(index), "queries": len(queries),
+            "settings": {"k": list(cfg.knn_k), "vote": cfg.knn_vote, "temperature": cfg.knn_temperature,
+                         "search": cfg.knn_search, "index_split": subset}}
+
+
+def run_linear(cfg, enc, features, log):
+    from cmsf_tf.data import pipeline
+    from cmsf_tf.data.pipeline import LabelPlan
+    from cmsf_tf.eval import linear
+
+    dataset, data_dir, class_list, _, seed = data_settings(cfg, enc.info)
+    source = load_source(dataset, data_dir, class_list)
+    train_x, train_y = features(source, dataset, "train")
+    test_x, test_y = features(source, dataset, "test")
+    stats = linear.standardizer(train_x)
+    steps = -(-len(train_x) // cfg.linear_batch_size)
+    if cfg.linear_augment:
+        import tensorflow as tf
+
+        plan = LabelPlan(source.num_classes, labels=None if source.train_labels is None
+                         else np.asarray(source.train_labels, np.int32))
+        mean, std = (tf.constant(s, tf.float32) for s in stats)
+        embed = tf.function(lambda x: (tf.math.l2_normalize(tf.cast(enc.features(x), tf.float32), -1) - mean) / std)
+
+        def batches(epoch):
+            for images, labels in pipeline.labelled_dataset(source, plan, enc.image_size, cfg.linear_batch_size,
+                                                            seed, 1000 + epoch):
+                yield embed(images), labels
+    else:
+        batches = linear.cached_batches(linear.standardize(train_x, stats), train_y, cfg.linear_batch_size, seed)
+    log(f"linear probe: {cfg.linear_epochs} epochs of {steps} steps ({'augmented views' if cfg.linear_augment else 'cached features'})")
+    head = linear.train_probe(batches, train_x.shape[1], source.num_classes, steps, cfg.linear_epochs, cfg.linear_lr,
+                              0.9, cfg.linear_milestones, cfg.linear_weight_decay, seed, log)
+    result = linear.top_k_accuracy(head.predict(linear.standardize(test_x, stats)), test_y)
+    train_acc = linear.top_k_accuracy(head.predict(linear.standardize(train_x, stats)), train_y, (1,))["top1"]
+    return {**result, "train_top1": train_acc, "dataset": dataset,
+            "settings": {"epochs": cfg.linear_epochs, "lr": cfg.linear_lr, "momentum": 0.9,
+                         "milestones": list(cfg.linear_milestones), "batch_size": cfg.linear_batch_size,
+                         "weight_decay": cfg.linear_weight_decay, "augment": cfg.linear_augment,
+                         "features": "L2-normalised, standardised by the training set"}}
+
+
+def run_finetune(cfg, enc, features, log):
+    from cmsf_tf.data import pipeline
+    from cmsf_tf.eval import finetune
+
+    dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
+    source = load_source(dataset, data_dir, class_list)
+    plan = label_plan(source, dataset, label_split, seed)
+    count = labelled_count(plan, source)
+    steps = -(-count // cfg.finetune_batch_size)
+    log(f"fine-tuning on {count} labelled images ({label_split or 'all labels'}): {cfg.finetune_epochs} epochs")
+    head, history = finetune.finetune(
+        enc.backbone, enc.feature_dim, source.num_classes,
+        lambda epoch: pipeline.labelled_dataset(source, plan, enc.image_size, cfg.finetune_batch_size, seed, epoch),
+        steps, cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_head_lr, 0.9, cfg.finetune_weight_decay, log)
+    result = finetune.evaluate(enc.backbone, head,
+                               pipeline.eval_split(source, "test", enc.image_size, cfg.eval_batch_size))
+    return {**result, "dataset": dataset, "labelled_images": count, "loss_per_epoch": history,
+            "settings": {"label_split": label_split or "all", "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
+                         "head_lr": cfg.finetune_head_lr, "momentum": 0.9, "schedule": "cosine",
+                         "batch_size": cfg.finetune_batch_size, "weight_decay": cfg.finetune_weight_decay,
+                         "views": "random resized crop (0.08-1) + flip"}}
+
+
+def transfer_source(name, data_dir):
+    kind, _, path = name.partition(":")
+    if kind in ("folder", "tfrecord") and path:
+        return kind, path
+    return (name if kind == "tfds" else f"tfds:{name}"), data_dir
+
+
+def run_transfer(cfg, enc, features, log):
+    from cmsf_tf.eval import linear
+
+    loaded = []
+    for name in cfg.transfer_datasets:  # every data set is checked before the first is evaluated
+        dataset, data_dir = transfer_source(name, cfg.transfer_data_dir)
+        loaded.append((name, dataset, load_source(dataset, data_dir)))
+    table = {}
+    for name, dataset, source in loaded:
+        train_x, train_y = features(source, dataset, "train")
+        test_x, test_y = features(source, dataset, "test")
+        log(f"logistic regression on {name}: {len(train_x)} training, {len(test_x)} test images")
+        table[name] = linear.logistic_regression(train_x, train_y, test_x, test_y, source.num_classes,
+                                                 cfg.transfer_l2, cfg.transfer_val_fraction, cfg.seed,
+                                                 cfg.transfer_steps)
+        log(f"  {name}: top-1 {100 * table[name]['top1']:.1f}% (l2 {table[name]['l2']:g})")
+    mean = float(np.mean([r["top1"] for r in table.values()]))
+    return {"top1": mean, "mean_top1": mean, "datasets": table,
+            "settings": {"l2_candidates": list(cfg.transfer_l2), "val_fraction": cfg.transfer_val_fraction,
+                         "steps": cfg.transfer_steps, "solver": "full-batch Adam, cosine lr, warm-started path",
+                         "features": "L2-normalised, standardised by the training set"}}
+
+
+PROTOCOL_FNS = {"knn": run_knn, "linear": run_linear, "finetune": run_finetune, "transfer": run_transfer}
+
+
+def load_encoder(cfg):
+    from cmsf_tf.eval import encoder as encoders
+
+    if not os.path.isdir(cfg.model_dir) and not cfg.saved_model:
+        raise config.UsageError(f"--model_dir {cfg.model_dir} does not exist")
+    if cfg.saved_model:
+        enc = encoders.from_saved_model(cfg.saved_model)
+    else:
+        enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
+    if cfg.image_size is not None and cfg.image_size != enc.image_size:
+        raise config.UsageError(f"the network takes {enc.image_size} px images, --image_size says {cfg.image_size}")
+    return enc
+
+
+def evaluate(cfg, log=_Log()):
+    """Runs one protocol; returns the dict written to eval/<protocol>.json."""
+    started = time.time()
+    from cmsf_tf.eval import encoder as encoders
+
+    try:
+        enc = load_encoder(cfg)
+        features = Features(enc, cfg, log)
+        result = PROTOCOL_FNS[cfg.protocol](cfg, enc, features, log)
+    except encoders.EncoderError as e:
+        raise config.UsageError(str(e)) from None
+    result = {"protocol": cfg.protocol, **result,
+              "network": {k: v for k, v in enc.info.items() if k != "run"},
+              "wall_time_s": round(time.time() - started, 1)}
+    out_dir = os.path.join(cfg.model_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{cfg.protocol}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    write_summaries(cfg, result, enc.info.get("step") or 0)
+    return result
+
+
+def write_summaries(cfg, result, step):
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard", "eval"))
+    scalars = {k: v for k, v in result.items() if isinstance(v, float) and k != "wall_time_s"}
+    for name, r in result.get("datasets", {}).items():
+        scalars[f"top1_{name.replace(':', '_').replace('/', '_')}"] = r["top1"]
+    with writer.as_default():
+        for name, value in scalars.items():
+            tf.summary.scalar(f"eval/{cfg.protocol}/{name}", value, step=step)
+    writer.close()
+
+
+def summary_lines(result):
+    lines = [f"{result['protocol']}: top-1 {100 * result['top1']:.2f}%"
+             + (f", top-5 {100 * result['top5']:.2f}%" if "top5" in result else "")]
+    for key in sorted(k for k in result if k.startswith("knn_top")):
+        lines.append(f"  {key}: {100 * result[key]:.2f}%")
+    for name, r in result.get("datasets", {}).items():
+        lines.append(f"  {name:<20} {100 * r['top1']:6.2f}%   (l2 {r['l2']:g})")
+    return lines
+
+
+def main(argv):
+    if len(argv) != 2:
+        print(f"usage: python -m cmsf_tf.evaluate {{{','.join(config.PROTOCOLS)}}} --model_dir=RUN [--flags]",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        cfg = config.eval_from_flags(argv[1])
+        result = evaluate(cfg)
+    except config.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result, indent=2))
+    print("\n".join(summary_lines(result)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)
