@@ -248,6 +248,8 @@ flags.DEFINE_float("finetune_lr", 0.001, "finetune: backbone learning rate (pape
 flags.DEFINE_float("finetune_head_lr", 0.01, "finetune: learning rate of the new linear head.")
 flags.DEFINE_integer("finetune_batch_size", 256, "finetune: batch size.")
 flags.DEFINE_float("finetune_weight_decay", 0.0, "finetune: L2 penalty on every weight.")
+flags.DEFINE_float("finetune_crop_min_scale", 0.08, "finetune: smallest area fraction of the random resized crops "
+                   "(0.08: the supervised ImageNet setting; small images need more, e.g. 0.5 at 28 px).")
 flags.DEFINE_list("transfer_datasets", list(TRANSFER_DATASETS), "transfer: TFDS names, or folder:PATH / tfrecord:PATH.")
 flags.DEFINE_string("transfer_data_dir", "", "transfer: TFDS data dir of the transfer data sets.")
 flags.DEFINE_list("transfer_l2", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], "transfer: L2 strengths tried.")
@@ -286,6 +288,7 @@ class EvalConfig:
     finetune_head_lr: float
     finetune_batch_size: int
     finetune_weight_decay: float
+    finetune_crop_min_scale: float
     transfer_datasets: tuple
     transfer_data_dir: str
     transfer_l2: tuple
@@ -309,7 +312,8 @@ def _ints(name, values, minimum):
 def eval_from_flags(protocol):
     """The validated EvalConfig of `python -m cmsf_tf.evaluate PROTOCOL --flags`. Data flags not given
     on the command line are None: the run's own (flags.json) apply."""
-    _choice(protocol, "protocol", PROTOCOLS)
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     given = lambda name: FLAGS[name].value if FLAGS[name].present else None  # noqa: E731
     try:
         l2 = tuple(float(v) for v in FLAGS.transfer_l2)
@@ -327,7 +331,8 @@ def eval_from_flags(protocol):
         linear_batch_size=FLAGS.linear_batch_size, linear_weight_decay=FLAGS.linear_weight_decay,
         linear_augment=FLAGS.linear_augment, finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
         finetune_head_lr=FLAGS.finetune_head_lr, finetune_batch_size=FLAGS.finetune_batch_size,
-        finetune_weight_decay=FLAGS.finetune_weight_decay, transfer_datasets=tuple(FLAGS.transfer_datasets),
+        finetune_weight_decay=FLAGS.finetune_weight_decay, finetune_crop_min_scale=FLAGS.finetune_crop_min_scale,
+        transfer_datasets=tuple(FLAGS.transfer_datasets),
         transfer_data_dir=FLAGS.transfer_data_dir, transfer_l2=l2, transfer_val_fraction=FLAGS.transfer_val_fraction,
         transfer_steps=FLAGS.transfer_steps)
     _choice(cfg.encoder, "encoder", ("online", "target"))
@@ -341,6 +346,8 @@ def eval_from_flags(protocol):
     for name in ("linear_lr", "finetune_lr", "finetune_head_lr", "knn_temperature"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"--{name} must be positive (got {getattr(cfg, name)})")
+    if not 0 < cfg.finetune_crop_min_scale <= 1:
+        raise UsageError(f"--finetune_crop_min_scale must be in (0, 1] (got {cfg.finetune_crop_min_scale})")
     if not 0 < cfg.transfer_val_fraction < 1:
         raise UsageError(f"--transfer_val_fraction must be in (0, 1) (got {cfg.transfer_val_fraction})")
     if cfg.dataset is not None and not sources.is_known(cfg.dataset):

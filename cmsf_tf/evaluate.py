@@ -177,7 +177,8 @@ def run_finetune(cfg, enc, features, log):
     log(f"fine-tuning on {count} labelled images ({label_split or 'all labels'}): {cfg.finetune_epochs} epochs")
     head, history = finetune.finetune(
         enc.backbone, enc.feature_dim, source.num_classes,
-        lambda epoch: pipeline.labelled_dataset(source, plan, enc.image_size, cfg.finetune_batch_size, seed, epoch),
+        lambda epoch: pipeline.labelled_dataset(source, plan, enc.image_size, cfg.finetune_batch_size, seed, epoch,
+                                                cfg.finetune_crop_min_scale),
         steps, cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_head_lr, 0.9, cfg.finetune_weight_decay, log)
     result = finetune.evaluate(enc.backbone, head,
                                pipeline.eval_split(source, "test", enc.image_size, cfg.eval_batch_size))
@@ -185,7 +186,7 @@ def run_finetune(cfg, enc, features, log):
             "settings": {"label_split": label_split or "all", "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
                          "head_lr": cfg.finetune_head_lr, "momentum": 0.9, "schedule": "cosine",
                          "batch_size": cfg.finetune_batch_size, "weight_decay": cfg.finetune_weight_decay,
-                         "views": "random resized crop (0.08-1) + flip"}}
+                         "views": f"random resized crop ({cfg.finetune_crop_min_scale:g}-1) + flip"}}
 
 
 def transfer_source(name, data_dir):

@@ -54,3 +54,32 @@ def test_k_larger_than_the_index_and_unknown_mode_are_refused():
         knn.search(index, index, 11)
     with pytest.raises(ValueError, match="unknown k-NN search mode"):
         knn.search(index, index, 3, mode="fast")
+
+
+def test_weighted_vote_and_top5_equal_a_numpy_reference():
+    index, labels = clustered(2000, 16, 12, seed=4, spread=1.2)
+    queries, qlabels = clustered(200, 16, 12, seed=5, spread=1.2)
+    sims = queries @ index.T
+    nbrs = np.argsort(-sims, axis=1, kind="stable")[:, :20]
+    weights = np.exp(np.take_along_axis(sims, nbrs, 1) / 0.07)
+    scores = np.zeros((200, 12))
+    for q in range(200):
+        for j in range(20):
+            scores[q, labels[nbrs[q, j]]] += weights[q, j]
+    want_top1 = np.mean(scores.argmax(1) == qlabels)
+    want_top5 = np.mean([qlabels[q] in np.argsort(-scores[q], kind="stable")[:5] for q in range(200)])
+    report = knn.knn_report(index, labels, queries, qlabels, ks=(1, 20), num_classes=12, vote="weighted")
+    assert report["knn_top1_k20"] == pytest.approx(want_top1, abs=1 / 200)  # float ties may flip one query
+    assert report["knn_top5_k20"] == pytest.approx(want_top5, abs=1 / 200)
+    assert "knn_top5_k1" not in report  # top-5 of one neighbour says nothing
+    # The weighted vote differs from the majority vote (else the test would not tell them apart).
+    majority = knn.knn_report(index, labels, queries, qlabels, ks=(20,), num_classes=12)
+    counts = np.stack([np.bincount(labels[n], minlength=12) for n in nbrs])
+    assert majority["knn_top1_k20"] == pytest.approx(np.mean(counts.argmax(1) == qlabels))
+    assert np.any(counts.argmax(1) != scores.argmax(1))
+
+
+def test_approx_settings_scale_with_the_index():
+    small, big = knn.approx_settings(5000, 20), knn.approx_settings(1_000_000, 20)
+    assert "num_leaves" not in small and small["reorder"] == 200
+    assert big["num_leaves"] == 1000 and big["num_leaves_to_search"] == 100

@@ -3,7 +3,7 @@
 Paper recipe: 20 epochs, SGD momentum 0.9, backbone lr 0.001; the freshly initialised head learns at
 --finetune_head_lr (0.01 by default: at 0.001 a zero-initialised head barely moves in 20 epochs), both
 decayed with a cosine schedule. Training views: random resized crop (scale 0.08-1, the supervised
-setting) + flip; BatchNorm in training mode; evaluation on centre crops.
+setting; --finetune_crop_min_scale) + flip; BatchNorm in training mode; evaluation on centre crops.
 """
 
 import keras

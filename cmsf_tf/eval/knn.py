@@ -1,5 +1,7 @@
 """k-NN classification of L2-normalised features with ScaNN (cosine similarity = dot product)."""
 
+import time
+
 import numpy as np
 import tensorflow as tf
 
@@ -29,29 +31,51 @@ def features_and_labels(encoder, batches):
     return np.concatenate(feats, axis=0), np.concatenate(labels).astype(np.int32)
 
 
-def search(index_features, query_features, k, mode="exact", with_similarities=False):
-    """int64 [Q, k] indices of the k most similar index rows to each query, most similar first (and
-    their float32 [Q, k] similarities with `with_similarities`)."""
+def approx_settings(n, k):
+    """ScaNN settings of `approx` search scaled from the index size: ~sqrt(N) leaves of which a tenth
+    (at least 32) are searched, anisotropic hashing with 2-dimensional blocks, exact re-ranking of a
+    shortlist of max(10k, 100). Below 10,000 rows a tree does not pay: hashing + re-ranking alone."""
+    settings = {"reorder": max(10 * k, 100)}
+    if n >= 10_000:
+        leaves = int(np.sqrt(n))
+        settings.update(num_leaves=leaves, num_leaves_to_search=min(leaves, max(leaves // 10, 32)),
+                        training_sample_size=min(n, 250_000))
+    return settings
+
+
+def build_searcher(index_features, k, mode="exact"):
+    """(ScaNN searcher over the rows of `index_features` by dot product, seconds it took to build)."""
     import scann  # imported here: its TF custom ops take a moment to load and only evaluation needs them
 
     if k > len(index_features):
         raise ValueError(f"k={k} is larger than the index ({len(index_features)} rows)")
-    n = len(index_features)
+    if mode not in ("exact", "approx"):
+        raise ValueError(f"unknown k-NN search mode {mode!r}; choose exact or approx")
+    started = time.time()
     builder = scann.scann_ops_pybind.builder(np.ascontiguousarray(index_features, np.float32), k, "dot_product")
     if mode == "exact":
         searcher = builder.score_brute_force().build()
-    elif mode == "approx":
-        # Partition into ~sqrt(N) leaves and search a quarter of them, score with anisotropic hashing
-        # (2-dimensional blocks), then re-rank a shortlist exactly. Below ~10k rows a tree does not pay.
-        if n >= 10_000:
-            leaves = int(np.sqrt(n))
-            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=max(leaves // 4, 1),
-                                   training_sample_size=min(n, 250_000))
-        searcher = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(max(10 * k, 100)).build()
     else:
-        raise ValueError(f"unknown k-NN search mode {mode!r}; choose exact or approx")
+        s = approx_settings(len(index_features), k)
+        if "num_leaves" in s:
+            builder = builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
+                                   training_sample_size=s["training_sample_size"])
+        searcher = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(s["reorder"]).build()
+    return searcher, time.time() - started
+
+
+def search_with(searcher, query_features, k):
+    """(int64 [Q, k] indices, float32 [Q, k] similarities) from a built searcher, most similar first."""
     idx, sims = searcher.search_batched(np.ascontiguousarray(query_features, np.float32), final_num_neighbors=k)
-    return (idx.astype(np.int64), sims.astype(np.float32)) if with_similarities else idx.astype(np.int64)
+    return idx.astype(np.int64), sims.astype(np.float32)
+
+
+def search(index_features, query_features, k, mode="exact", with_similarities=False):
+    """int64 [Q, k] indices of the k most similar index rows to each query, most similar first (and
+    their float32 [Q, k] similarities with `with_similarities`)."""
+    searcher, _ = build_searcher(index_features, k, mode)
+    idx, sims = search_with(searcher, query_features, k)
+    return (idx, sims) if with_similarities else idx
 
 
 def vote_counts(neighbour_labels, num_classes, weights=None):
