@@ -16,7 +16,7 @@ class UsageError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
 
 
-_METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup")  # checked against cmsf_tf.methods.METHODS by the tests
+_METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent")  # checked against cmsf_tf.methods.METHODS by the tests
 _ARCHS = ("resnet50", "resnet18", "resnet18_small")
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _PRECISIONS = ("float32", "bfloat16", "float16")
@@ -52,6 +52,7 @@ flags.DEFINE_integer("num_clusters", 50000, "cmsf_km: k-means clusters (paper: 5
 flags.DEFINE_integer("kmeans_iters", 20, "cmsf_km: k-means iterations per epoch end.")
 flags.DEFINE_string("kmeans_init", "random", "cmsf_km: random or kmeans++ (greedy k-means++: better clusters, "
                     "k sequential passes over the pool; too slow for 50,000 clusters of ImageNet).")
+flags.DEFINE_float("label_smoothing", 0.0, "xent: label smoothing of the cross-entropy targets.")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
 flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
 flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed) or a "
@@ -107,6 +108,7 @@ class Config:
     num_clusters: int
     kmeans_iters: int
     kmeans_init: str
+    label_smoothing: float
     crop_min_scale: float
     label_split: str
     label_noise: float
@@ -190,6 +192,8 @@ def validate(cfg):
             raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if not cfg.learning_rate > 0:
         raise UsageError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UsageError(f"--label_smoothing must be in [0, 1) (got {cfg.label_smoothing})")
     if not 0 < cfg.crop_min_scale <= 1:
         raise UsageError(f"--crop_min_scale must be in (0, 1] (got {cfg.crop_min_scale})")
     if not 0 <= cfg.blur_prob <= 1:

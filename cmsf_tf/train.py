@@ -20,7 +20,7 @@ from cmsf_tf import config
 _RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
                  "topk_prime", "cmsf_2q_view", "pool_dtype", "num_clusters",
                  "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise",
-                 "label_noise_file")
+                 "label_noise_file", "label_smoothing")
 
 
 def prepare_model_dir(cfg):
@@ -109,9 +109,12 @@ def method_options(cfg, num_images):
     return {}
 
 
-def build_model(cfg, sync_bn, num_images):
+def build_model(cfg, sync_bn, num_images, num_classes):
     from cmsf_tf.methods import METHODS
 
+    if cfg.method == "xent":
+        return METHODS["xent"](arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes, width=cfg.width,
+                               weight_decay=cfg.weight_decay, sync_bn=sync_bn, label_smoothing=cfg.label_smoothing)
     return METHODS[cfg.method](**method_options(cfg, num_images),
         arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
         proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
@@ -164,7 +167,7 @@ def run(cfg, log=print):
     total_steps = steps_per_epoch * cfg.epochs
 
     with strategy.scope():
-        model = build_model(cfg, sync_bn=replicas > 1, num_images=source.num_train)
+        model = build_model(cfg, sync_bn=replicas > 1, num_images=source.num_train, num_classes=source.num_classes)
         optimizer = keras.optimizers.SGD(
             learning_rate_schedule(cfg, total_steps, steps_per_epoch), momentum=cfg.momentum)
         model.compile(optimizer=optimizer)
@@ -206,7 +209,8 @@ def run(cfg, log=print):
                 steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
                 labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
                 input_context=context, shuffle_buffer=cfg.shuffle_buffer,
-                third_view=cfg.method == "cmsf_2q" and cfg.cmsf_2q_view == "third"))
+                third_view=cfg.method == "cmsf_2q" and cfg.cmsf_2q_view == "third",
+                strong_view=cfg.method != "xent"))
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
@@ -229,7 +233,7 @@ def run(cfg, log=print):
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
     if cfg.knn_baselines:
         with strategy.scope():
-            untrained = build_model(cfg, sync_bn=False, num_images=source.num_train)
+            untrained = build_model(cfg, sync_bn=False, num_images=source.num_train, num_classes=source.num_classes)
         result["baselines"] = {
             "untrained": knn_evaluation(untrained.online_backbone, source, cfg, log),
         }

@@ -50,3 +50,14 @@ def test_validation_messages(change, message):
     base = parse(f"--flagfile={REPO}/flags/demo.cfg", "--model_dir=/tmp/x")
     with pytest.raises(config.UsageError, match=message):
         config.validate(config.Config(**{**base.to_dict(), **change}))
+
+
+@pytest.mark.parametrize("noise", [5, 10, 25, 50])
+def test_noisy_recipes_are_their_clean_recipe_plus_label_noise(noise, monkeypatch):
+    monkeypatch.chdir(REPO)  # the noisy flagfiles include flags/sup.cfg and flags/xent.cfg by relative path
+    for method, base in (("cmsf_sup", "sup"), ("xent", "xent")):
+        clean = parse(f"--flagfile=flags/{base}.cfg", "--model_dir=/tmp/x")
+        noisy = parse(f"--flagfile=flags/{base}_noisy{noise}.cfg", "--model_dir=/tmp/x")
+        assert noisy.method == method and noisy.label_noise == noise
+        assert {k: v for k, v in noisy.to_dict().items() if k != "label_noise"} == \
+            {k: v for k, v in clean.to_dict().items() if k != "label_noise"}

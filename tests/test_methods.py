@@ -222,3 +222,75 @@ def test_kmeans_callback_clusters_the_pool_at_epoch_end():
     _, want, _ = clustering.spherical_kmeans(embeddings.numpy(), 3, iters=5, seed=0)
     np.testing.assert_array_equal(ids, want.numpy())
     assert 0 <= history["kmeans_inertia"][0] <= 2
+
+
+def test_cmsf_sup_neighbours_equal_a_numpy_reference_with_noisy_labels():
+    from cmsf_tf.data import splits
+
+    rng = np.random.default_rng(7)
+    true = rng.integers(0, 3, 64).astype(np.int32)
+    noisy = splits.noisy_labels(true, 25, 3, seed=0)  # the bank stores training (noisy) labels
+    assert np.mean(noisy != true) == 0.25
+    sup = tiny("cmsf_sup", topk=6)
+    bank = rng.normal(size=(64, 16)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    sup.bank.embeddings.assign(bank)
+    sup.bank.labels.assign(noisy)
+    queries = bank[:8] + 0.1 * rng.normal(size=(8, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    query_labels = np.array([0, 1, 2, 0, 1, 2, 2, 5], np.int32)  # label 5: no bank row has it
+    sims = queries @ bank.T
+    (_, got), = sup.neighbour_sets({"label": tf.constant(query_labels)}, tf.constant(queries), tf.constant(sims))
+    for q in range(8):
+        allowed = noisy == query_labels[q]
+        # Reference: same-label rows by similarity; if fewer than k, then the other rows by similarity.
+        order = np.argsort(-sims[q], kind="stable")
+        want = np.concatenate([order[allowed[order]], order[~allowed[order]]])[:6]
+        np.testing.assert_allclose(np.sort(sims[q][got.numpy()[q]]), np.sort(sims[q][want]), atol=1e-6)
+        if allowed.sum() >= 6:
+            assert np.all(noisy[got.numpy()[q]] == query_labels[q])
+    assert not np.any(noisy == 5)  # the last query was filled entirely from other classes, nearest first
+
+
+def separable_batch():
+    """Images whose class is their colour: 4 classes, 16 images, separable by a linear classifier."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(BATCH) % 4
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
+    images = np.clip(colours[labels][:, None, None, :] + rng.integers(-40, 40, (BATCH, SIZE, SIZE, 3)), 0, 255)
+    src = sources.InMemorySource("colours", images.astype(np.uint8), labels.astype(np.int32), None, None, 4)
+    return next(iter(pipeline.train_dataset(src, global_batch=BATCH, image_size=SIZE, seed=0, steps_per_epoch=1,
+                                            start_epoch=0, end_epoch=1, strong_view=False)))
+
+
+def tiny_xent(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = METHODS["xent"](arch="resnet18_small", image_size=SIZE, num_classes=4, width=4, weight_decay=1e-4)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return model
+
+
+def test_xent_fits_a_tiny_separable_set():
+    batch = separable_batch()
+    assert "strong" not in batch  # the baseline trains on the weak view alone
+    history = fit_steps(tiny_xent(), batch, 30)
+    assert history["train_top1"][-1] == 1.0 and history["train_top1_true"][-1] == 1.0
+    assert history["loss"][-1] < 0.2 * history["loss"][0]
+    assert len(tiny_xent().optimizer.momentums) == len(tiny_xent().online_variables)
+
+
+def test_xent_ignores_unlabelled_examples_and_reports_noisy_and_true_accuracy():
+    batch = dict(separable_batch())
+    # Unlabelled examples: with only them, the loss is zero and nothing is learnt.
+    unlabelled = dict(batch, label=tf.fill([BATCH], -1))
+    model = tiny_xent()
+    before = [v.numpy() for v in model.online_backbone.trainable_variables]
+    history = fit_steps(model, unlabelled, 1)
+    assert history["loss"] == [0.0]
+    # Only weight decay moves the weights: w <- w - lr * wd * w.
+    for b, v in zip(before, model.online_backbone.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), b * (1 - 0.05 * 1e-4), rtol=1e-5, atol=1e-7)
+    # Flipped training labels: fitted, top-1 against the training labels rises while the true one falls.
+    noisy = dict(batch, label=(batch["true_label"] + 1) % 4)
+    history = fit_steps(tiny_xent(), noisy, 30)
+    assert history["train_top1"][-1] == 1.0 and history["train_top1_true"][-1] == 0.0

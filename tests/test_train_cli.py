@@ -53,11 +53,14 @@ def checkpoint_state(model_dir):
 
 
 METHOD_FLAGS = {"msf": [], "cmsf_2q": ["--method=cmsf_2q", "--topk_prime=4"],
-                "cmsf_km": ["--method=cmsf_km", "--num_clusters=4", "--kmeans_iters=3"]}
-PER_IMAGE_STATE = {"msf": (), "cmsf_2q": ("pool", "previous_bank"), "cmsf_km": ("pool", "cluster_ids")}
+                "cmsf_km": ["--method=cmsf_km", "--num_clusters=4", "--kmeans_iters=3"],
+                "cmsf_sup": ["--method=cmsf_sup", "--label_noise=25"],
+                "xent": ["--method=xent", "--label_noise=25"]}
+PER_IMAGE_STATE = {"msf": (), "cmsf_2q": ("pool", "previous_bank"), "cmsf_km": ("pool", "cluster_ids"),
+                   "cmsf_sup": (), "xent": ()}
 
 
-@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km"])
+@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent"])
 def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     flags = [f"--data_dir={fmnist_slice}", "--epochs=2", "--steps_per_epoch=4", "--deterministic",
              "--noknn_eval", *METHOD_FLAGS[method]]
@@ -78,7 +81,9 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     assert a.keys() == b.keys()
     names = list(a)
     # The state that must continue: bank rows, labels, ids and pointer, optimizer iterations and slots.
-    for key in ("bank/embeddings", "bank/pointer", "bank/image_indices", "optimizer/iterations"):
+    state_keys = ("optimizer/iterations",) if method == "xent" else (
+        "bank/embeddings", "bank/pointer", "bank/image_indices", "optimizer/iterations")
+    for key in state_keys:
         assert any(key.split("/")[0] in n and key.split("/")[1] in n for n in names), key
     for key in PER_IMAGE_STATE[method]:  # the per-image pool and cluster ids are checkpointed too
         assert any(key in n for n in names), key
@@ -229,6 +234,29 @@ def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice
     purity = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/purity")]
     # Neighbours share the (noisy) training label; against the truth the noise shows.
     assert label_purity[-1] > 0.9 and purity[-1] < label_purity[-1]
+
+
+def test_cross_entropy_baseline_through_the_cli_with_noisy_labels(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "xent"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--method=xent", "--label_noise=25",
+                "--epochs=3", "--steps_per_epoch=8", "--learning_rate=0.1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((model_dir / "result.json").read_text())
+    assert result["method"] == "xent" and result["knn_top1_k20"] > 0.3
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    for tag in ("train/loss", "train/train_top1", "train/train_top1_true", "epoch/train_top1"):
+        assert tag in tags, tags
+    assert "train/purity" not in tags  # no bank, no neighbours
+    # The run evaluates and exports like any other: the backbone is online_backbone.
+    out = run_cli("cmsf_tf.evaluate", "knn", f"--model_dir={model_dir}", "--knn_k=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    knn1 = json.loads((model_dir / "eval" / "knn.json").read_text())["knn_top1_k1"]
+    assert knn1 == pytest.approx(result["knn_top1_k1"], abs=1 / 256)
 
 
 @pytest.mark.parametrize("flag,pattern", [

@@ -88,16 +88,18 @@ def _pipelines(input_context):
     return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
-def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, third_view):
+def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, third_view, strong_view=True):
     s = tf.random.experimental.stateless_split(example_seed(seed, epoch, index), 3)
     scale = (crop_min_scale, 1.0)
     if image.dtype == tf.string:  # decode once the part of the image that the crops cover
-        kinds = [("weak", s[0]), ("strong", s[1])] + ([("weak", s[2])] if third_view else [])
+        kinds = ([("weak", s[0])] + ([("strong", s[1])] if strong_view else [])
+                 + ([("weak", s[2])] if third_view else []))
         shape = augment.image_shape(image)
         image = augment.decoded_region(
             image, [augment.crop_window(shape, augment.crop_seed(k, v), scale) for k, v in kinds])
-    out = {"weak": augment.weak_view(image, image_size, s[0], crop_scale=scale),
-           "strong": augment.strong_view(image, image_size, s[1], crop_scale=scale, blur_p=blur_prob)}
+    out = {"weak": augment.weak_view(image, image_size, s[0], crop_scale=scale)}
+    if strong_view:  # the cross-entropy baseline trains on the weak view alone
+        out["strong"] = augment.strong_view(image, image_size, s[1], crop_scale=scale, blur_p=blur_prob)
     if third_view:
         out["third"] = augment.weak_view(image, image_size, s[2], crop_scale=scale)
     return out
@@ -105,8 +107,9 @@ def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, thi
 
 def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, start_epoch, end_epoch,
                   skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5, third_view=False,
-                  input_context=None, shuffle_buffer=10_000):
-    """Batches of {weak, strong[, third], label, true_label, is_labelled, index} from `start_epoch`
+                  input_context=None, shuffle_buffer=10_000, strong_view=True):
+    """Batches of {weak, strong[, third], label, true_label, is_labelled, index} (no strong with
+    `strong_view=False`) from `start_epoch`
     (after `skip_steps` of it) to `end_epoch`, each epoch freshly shuffled.
 
     `labels`: a LabelPlan, or int32 [N] training labels (noisy or partial, -1 for unlabelled);
@@ -123,7 +126,7 @@ def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, st
         raise ValueError(f"global batch {global_batch} is not divisible by {pipelines} input pipelines")
     batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
     view_args = dict(image_size=image_size, crop_min_scale=crop_min_scale, blur_prob=blur_prob,
-                     third_view=third_view)
+                     third_view=third_view, strong_view=strong_view)
 
     if isinstance(source, sources.RecordSource):
         ds = _record_stream(source, seed, steps_per_epoch * global_batch // pipelines, start_epoch, end_epoch,

@@ -1,10 +1,11 @@
-"""--method name -> MeanShift subclass."""
+"""--method name -> model class (MeanShift subclasses, and the cross-entropy baseline)."""
 
 from cmsf_tf.methods.byol import BYOL
 from cmsf_tf.methods.cmsf_2q import CMSF2Q
 from cmsf_tf.methods.cmsf_km import CMSFKM
 from cmsf_tf.methods.cmsf_sup import CMSFSup
 from cmsf_tf.methods.msf import MSF
+from cmsf_tf.methods.xent import CrossEntropy
 
 METHODS = {
     "byol": BYOL,
@@ -12,4 +13,5 @@ METHODS = {
     "cmsf_sup": CMSFSup,
     "cmsf_2q": CMSF2Q,
     "cmsf_km": CMSFKM,
+    "xent": CrossEntropy,
 }

@@ -21,7 +21,53 @@ from cmsf_tf.memory import MemoryBank
 from cmsf_tf.models import backbones, heads
 
 
-class MeanShift(keras.Model):
+class TrainingPlumbing:
+    """What every model trained by cmsf_tf.train shares, whatever its loss (mixed into MeanShift and
+    CrossEntropy; a mixin, not a base class, so each model stays one level below keras.Model): the
+    batch counter, Keras' symbolic-build workaround, optimizer slots for the trained weights only, the
+    paper's coupled L2 weight decay with the replica division and loss scaling, and multi-worker logs."""
+
+    def _add_step_counter(self):
+        # Batches trained on. Not optimizer.iterations: float16 loss scaling skips the update (and the
+        # iteration count) on overflowing steps, but the batch was consumed, and epochs, resume points
+        # and summaries must follow the data.
+        self.train_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64", trainable=False,
+                                           aggregation="only_first_replica", name="train_steps")
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' fit() under a tf.distribute strategy pulls one batch off the data iterator to build the
+        model symbolically and drops it; with steps_per_epoch the iterator persists, so training would
+        silently skip a batch and then run out of data a step early. Everything here is built in
+        __init__ and compile(), so there is nothing to build and nothing may be consumed."""
+        if self.optimizer is None or not self.optimizer.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def compile(self, optimizer, **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        # Build the slots for the trained weights only: fit() would otherwise build them for every
+        # "trainable" variable (a mean-shift target included), doubling the optimizer's memory.
+        self.optimizer.build(self.online_variables)
+
+    def _scaled_total(self, loss, variables):
+        """What the tape differentiates: this replica's mean loss plus the weight decay, divided among
+        the replicas and scaled for float16."""
+        # The paper's (PyTorch SGD) weight decay is L2 on every weight: gradient += wd * w, which
+        # momentum then accumulates. Keras' weight_decay is decoupled, so add it to the loss.
+        l2 = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
+        # Replica gradients are summed by the optimizer: divide the per-replica mean.
+        total = (loss + l2) / tf.distribute.get_strategy().num_replicas_in_sync
+        return self.optimizer.scale_loss(total)
+
+    @staticmethod
+    def _finish_logs(logs):
+        if distribute.is_multi_worker():
+            # Keras reduces logs across workers with axis=0, which fails on scalars
+            # (tensorflow/tensorflow#72388): give it one-element vectors to reduce.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+
+class MeanShift(TrainingPlumbing, keras.Model):
     def __init__(self, *, arch, image_size, channels=3, width=64, proj_hidden=0, proj_dim=0,
                  bank_size=128000, topk=5, ema_momentum=0.99, weight_decay=1e-4, sync_bn=False,
                  seed=0, **kwargs):
@@ -41,11 +87,7 @@ class MeanShift(keras.Model):
         self.predictor = heads.mlp(dim, hidden, dim, sync_bn, "predictor")
         self.target_backbone, self.target_projector = encoder("target")
         self.bank = MemoryBank(bank_size, dim, seed=seed, name="bank")
-        # Batches trained on. Not optimizer.iterations: float16 loss scaling skips the update (and the
-        # iteration count) on overflowing steps, but the batch was consumed, and epochs, resume points
-        # and summaries must follow the data.
-        self.train_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64", trainable=False,
-                                           aggregation="only_first_replica", name="train_steps")
+        self._add_step_counter()
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.purity_tracker = keras.metrics.Mean(name="purity")
@@ -54,14 +96,6 @@ class MeanShift(keras.Model):
         self.extra_trackers = {name: keras.metrics.Mean(name=name) for name in self.extra_metric_names}
         self._copy_online_to_target()
         self.built = True  # every weight exists now; custom-train_step models are otherwise never marked built
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Keras' fit() under a tf.distribute strategy pulls one batch off the data iterator to build the
-        model symbolically and drops it; with steps_per_epoch the iterator persists, so training would
-        silently skip a batch and then run out of data a step early. Everything here is built in
-        __init__ and compile(), so there is nothing to build and nothing may be consumed."""
-        if self.optimizer is None or not self.optimizer.built:
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # ----- variables -----
     @property
@@ -84,12 +118,6 @@ class MeanShift(keras.Model):
             if t.shape != o.shape:
                 raise ValueError(f"target and online weights differ in shape: {t.path} vs {o.path}")
             t.assign(o)
-
-    def compile(self, optimizer, **kwargs):
-        super().compile(optimizer=optimizer, **kwargs)
-        # Build the slots for the online weights only: fit() would otherwise build them for every
-        # "trainable" variable, target included, doubling the optimizer's memory.
-        self.optimizer.build(self.online_variables)
 
     extra_metric_names = ()
 
@@ -146,15 +174,8 @@ class MeanShift(keras.Model):
         with tf.GradientTape() as tape:
             queries = self.online_prediction(batch["strong"])
             loss = tf.add_n([w * ops.mean_shift_loss(queries, bank, idx) for w, idx in sets])
-            # The paper's (PyTorch SGD) weight decay is L2 on every weight: gradient += wd * w, which
-            # momentum then accumulates. Keras' weight_decay is decoupled, so add it to the loss.
-            l2 = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
-                                                     for v in variables])
-            # Replica gradients are summed by the optimizer: divide the per-replica mean.
-            total = (loss + l2) / tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(total)
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+            scaled = self._scaled_total(loss, variables)
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self._ema_update()
         self.train_steps.assign_add(1)
 
@@ -176,11 +197,7 @@ class MeanShift(keras.Model):
         for name, value in self.extra_metrics(batch, sims, sets).items():
             self.extra_trackers[name].update_state(value)
             logs[name] = self.extra_trackers[name].result()
-        if distribute.is_multi_worker():
-            # Keras reduces logs across workers with axis=0, which fails on scalars
-            # (tensorflow/tensorflow#72388): give it one-element vectors to reduce.
-            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
-        return logs
+        return self._finish_logs(logs)
 
     def _ema_update(self):
         m = self.ema_momentum
