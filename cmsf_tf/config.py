@@ -16,7 +16,7 @@ class UsageError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
 
 
-_METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent")  # checked against cmsf_tf.methods.METHODS by the tests
+_METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "cmsf_pseudo", "xent")  # checked against cmsf_tf.methods.METHODS by the tests
 _ARCHS = ("resnet50", "resnet18", "resnet18_small")
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _PRECISIONS = ("float32", "bfloat16", "float16")
@@ -52,6 +52,16 @@ flags.DEFINE_integer("num_clusters", 50000, "cmsf_km: k-means clusters (paper: 5
 flags.DEFINE_integer("kmeans_iters", 20, "cmsf_km: k-means iterations per epoch end.")
 flags.DEFINE_string("kmeans_init", "random", "cmsf_km: random or kmeans++ (greedy k-means++: better clusters, "
                     "k sequential passes over the pool; too slow for 50,000 clusters of ImageNet).")
+flags.DEFINE_float("conf_threshold", 0.85, "cmsf_pseudo: smallest pseudo-label probability that constrains an "
+                   "unlabelled query (below it: plain MSF neighbours).")
+flags.DEFINE_integer("sup_bank_size", 128000, "cmsf_pseudo: rows of the cache of labelled target embeddings the "
+                     "pseudo-label head trains on.")
+flags.DEFINE_bool("pseudo_cache_confident", False, "cmsf_pseudo: also cache confidently pseudo-labelled images.")
+flags.DEFINE_integer("pseudo_epochs", 10, "cmsf_pseudo: passes over the cache per head-training round (a round at "
+                     "the middle and at the end of every epoch).")
+flags.DEFINE_float("pseudo_lr", 0.01, "cmsf_pseudo: SGD learning rate of the head (momentum 0.9).")
+flags.DEFINE_list("pseudo_milestones", ["6", "8"], "cmsf_pseudo: passes after which the head's lr is divided by 10.")
+flags.DEFINE_integer("pseudo_batch_size", 256, "cmsf_pseudo: batch size of head training.")
 flags.DEFINE_float("label_smoothing", 0.0, "xent: label smoothing of the cross-entropy targets.")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
 flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
@@ -108,6 +118,13 @@ class Config:
     num_clusters: int
     kmeans_iters: int
     kmeans_init: str
+    conf_threshold: float
+    sup_bank_size: int
+    pseudo_cache_confident: bool
+    pseudo_epochs: int
+    pseudo_lr: float
+    pseudo_milestones: tuple
+    pseudo_batch_size: int
     label_smoothing: float
     crop_min_scale: float
     label_split: str
@@ -134,8 +151,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _flag_value(name, value):
+    return tuple(value) if name == "pseudo_milestones" else value
+
+
 def from_flags():
-    cfg = Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+    cfg = Config(**{f.name: _flag_value(f.name, FLAGS[f.name].value) for f in dataclasses.fields(Config)})
     validate(cfg)
     return cfg
 
@@ -145,7 +166,8 @@ def make(**values):
     unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UsageError(f"unknown settings: {', '.join(sorted(unknown))}")
-    cfg = Config(**{f.name: values.get(f.name, FLAGS[f.name].default) for f in dataclasses.fields(Config)})
+    cfg = Config(**{f.name: _flag_value(f.name, values.get(f.name, FLAGS[f.name].default))
+                    for f in dataclasses.fields(Config)})
     validate(cfg)
     return cfg
 
@@ -192,6 +214,20 @@ def validate(cfg):
             raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if not cfg.learning_rate > 0:
         raise UsageError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if cfg.method == "cmsf_pseudo":
+        if not cfg.label_split:
+            raise UsageError("--method=cmsf_pseudo needs --label_split (with every image labelled, use cmsf_sup)")
+        if not 0 < cfg.conf_threshold <= 1:
+            raise UsageError(f"--conf_threshold must be in (0, 1] (got {cfg.conf_threshold})")
+        if cfg.sup_bank_size < cfg.batch_size:
+            raise UsageError(f"--sup_bank_size {cfg.sup_bank_size} is smaller than the global --batch_size "
+                             f"{cfg.batch_size}; one batch must fit in the cache")
+        _ints("pseudo_milestones", cfg.pseudo_milestones, 0)
+        for name in ("pseudo_epochs", "pseudo_batch_size"):
+            if getattr(cfg, name) < 1:
+                raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+        if not cfg.pseudo_lr > 0:
+            raise UsageError(f"--pseudo_lr must be positive (got {cfg.pseudo_lr})")
     if not 0 <= cfg.label_smoothing < 1:
         raise UsageError(f"--label_smoothing must be in [0, 1) (got {cfg.label_smoothing})")
     if not 0 < cfg.crop_min_scale <= 1:

@@ -118,3 +118,37 @@ class ImagePool(keras.layers.Layer):
         writes = tf.cast(tf.convert_to_tensor(self.writes), tf.int64)
         rows = tf.range(self.num_images, dtype=tf.int64) * self.slots + (writes - 1) % self.slots
         return tf.cast(tf.gather(self.embeddings, rows), tf.float32), writes > 0
+
+
+class LabelledCache(keras.layers.Layer):
+    """CMSF-Pseudo's cache of (target embedding, label) of the labelled images seen most recently: a ring
+    buffer that takes a variable number of rows per step (the selected rows of the gathered batch).
+    `filled` rows are valid. Same distribution rules as MemoryBank (ONLY_FIRST_REPLICA, gathered rows)."""
+
+    def __init__(self, size, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.dim = int(size), int(dim)
+        keep_first = dict(trainable=False, aggregation="only_first_replica")
+        self.embeddings = self.add_weight(shape=(self.size, self.dim), initializer="zeros", name="embeddings",
+                                          **keep_first)
+        self.labels = self.add_weight(shape=(self.size,), initializer=keras.initializers.Constant(-1),
+                                      dtype="int32", name="labels", **keep_first)
+        self.pointer = self.add_weight(shape=(), initializer="zeros", dtype="int64", name="pointer", **keep_first)
+        self.filled = self.add_weight(shape=(), initializer="zeros", dtype="int64", name="filled", **keep_first)
+        self.built = True
+
+    def write(self, embeddings, labels, keep):
+        """Appends the rows where `keep` (bool) is true. At most `size` rows per call."""
+        rows = tf.boolean_mask(embeddings, keep)
+        row_labels = tf.boolean_mask(tf.cast(labels, tf.int32), keep)
+        n = tf.shape(rows, out_type=tf.int64)[0]
+        positions = (self.pointer + tf.range(n, dtype=tf.int64)) % self.size
+        self.embeddings.value.scatter_update(tf.IndexedSlices(tf.cast(rows, self.embeddings.dtype), positions))
+        self.labels.value.scatter_update(tf.IndexedSlices(row_labels, positions))
+        self.pointer.assign((self.pointer + n) % self.size)
+        self.filled.assign(tf.minimum(self.filled + n, self.size))
+
+    def contents(self):
+        """(float32 [filled, D] embeddings, int32 [filled] labels)."""
+        n = int(self.filled.numpy())
+        return self.embeddings.numpy()[:n], self.labels.numpy()[:n]

@@ -89,3 +89,13 @@ def purity(query_labels, bank_labels, indices):
 def l2_normalize(x):
     """Row-wise L2 normalisation, computed in float32 so that bfloat16/float16 features stay unit length."""
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+
+def pseudo_query_labels(labels, is_labelled, probabilities, threshold):
+    """int32[B] query labels of CMSF-Pseudo: the ground truth for labelled examples; for the others the
+    pseudo-label head's top-1 class if its probability reaches `threshold`, else -1 (unconstrained: the
+    query falls back to the plain MSF neighbours, and as a bank row it never matches a label)."""
+    probabilities = tf.cast(probabilities, tf.float32)
+    pseudo = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+    confident = tf.reduce_max(probabilities, axis=-1) >= threshold
+    return tf.where(is_labelled, tf.cast(labels, tf.int32), tf.where(confident, pseudo, -1))

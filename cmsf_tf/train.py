@@ -20,7 +20,7 @@ from cmsf_tf import config
 _RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
                  "topk_prime", "cmsf_2q_view", "pool_dtype", "num_clusters",
                  "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise",
-                 "label_noise_file", "label_smoothing")
+                 "label_noise_file", "label_smoothing", "sup_bank_size", "conf_threshold")
 
 
 def prepare_model_dir(cfg):
@@ -99,8 +99,11 @@ def training_labels(cfg, source):
     return LabelPlan(source.num_classes, labels=np.asarray(labels, np.int32))
 
 
-def method_options(cfg, num_images):
+def method_options(cfg, num_images, num_classes):
     """The constructor arguments only some methods take."""
+    if cfg.method == "cmsf_pseudo":
+        return dict(num_classes=num_classes, conf_threshold=cfg.conf_threshold, sup_bank_size=cfg.sup_bank_size,
+                    cache_confident=cfg.pseudo_cache_confident)
     if cfg.method == "cmsf_2q":
         return dict(num_images=num_images, topk_prime=cfg.topk_prime, pool_dtype=cfg.pool_dtype,
                     third_view=cfg.cmsf_2q_view == "third")
@@ -115,7 +118,7 @@ def build_model(cfg, sync_bn, num_images, num_classes):
     if cfg.method == "xent":
         return METHODS["xent"](arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes, width=cfg.width,
                                weight_decay=cfg.weight_decay, sync_bn=sync_bn, label_smoothing=cfg.label_smoothing)
-    return METHODS[cfg.method](**method_options(cfg, num_images),
+    return METHODS[cfg.method](**method_options(cfg, num_images, num_classes),
         arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
         proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
         weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed)
@@ -192,6 +195,12 @@ def run(cfg, log=print):
         from cmsf_tf.callbacks.kmeans import KMeansClusters
         callbacks.append(KMeansClusters(cfg.num_clusters, cfg.kmeans_iters, cfg.seed, cfg.kmeans_init,
                                         logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None, log=log))
+    if cfg.method == "cmsf_pseudo":  # before the saver too: the saved head is the trained one
+        from cmsf_tf.callbacks.pseudo_label import PseudoLabelTrainer
+        callbacks.append(PseudoLabelTrainer(steps_per_epoch, cfg.pseudo_epochs, cfg.pseudo_lr,
+                                            [int(m) for m in cfg.pseudo_milestones], cfg.pseudo_batch_size, cfg.seed,
+                                            logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None,
+                                            log=log))
     callbacks.append(saver)
     if chief:
         callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))

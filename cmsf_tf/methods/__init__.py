@@ -3,6 +3,7 @@
 from cmsf_tf.methods.byol import BYOL
 from cmsf_tf.methods.cmsf_2q import CMSF2Q
 from cmsf_tf.methods.cmsf_km import CMSFKM
+from cmsf_tf.methods.cmsf_pseudo import CMSFPseudo
 from cmsf_tf.methods.cmsf_sup import CMSFSup
 from cmsf_tf.methods.msf import MSF
 from cmsf_tf.methods.xent import CrossEntropy
@@ -13,5 +14,6 @@ METHODS = {
     "cmsf_sup": CMSFSup,
     "cmsf_2q": CMSF2Q,
     "cmsf_km": CMSFKM,
+    "cmsf_pseudo": CMSFPseudo,
     "xent": CrossEntropy,
 }

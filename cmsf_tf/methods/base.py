@@ -151,21 +151,22 @@ class MeanShift(TrainingPlumbing, keras.Model):
         The default is MSF's: the unconstrained top-k."""
         return [(1.0, ops.top_k_indices(sims, self.topk))]
 
-    def write_state(self, targets, labels, true_labels, indices):
+    def write_state(self, targets, labels, true_labels, indices, is_labelled):
         """Called with the batch gathered from all replicas right after the bank write (the same rows
         on every replica): where per-image state (pools) is updated."""
 
-    def extra_metrics(self, batch, sims, sets):
+    def extra_metrics(self, batch, targets, sims, sets):
         """{name in extra_metric_names: scalar} averaged over the epoch like the loss."""
         return {}
 
     # ----- the step -----
     def train_step(self, batch):
         targets = self.target_embedding(batch["weak"])
-        rows = distribute.gather(
-            targets, self.bank_labels(batch, targets), batch["true_label"], batch["index"])
-        self.bank.write(*rows)
-        self.write_state(*rows)
+        # is_labelled travels as int32: collectives do not all-gather booleans on every platform.
+        rows = distribute.gather(targets, self.bank_labels(batch, targets), batch["true_label"], batch["index"],
+                                 tf.cast(batch["is_labelled"], tf.int32))
+        self.bank.write(*rows[:4])
+        self.write_state(*rows[:4], rows[4] > 0)
         bank = tf.stop_gradient(tf.convert_to_tensor(self.bank.embeddings))
         sims = ops.similarities(targets, bank)
         sets = self.neighbour_sets(batch, targets, sims)
@@ -194,7 +195,7 @@ class MeanShift(TrainingPlumbing, keras.Model):
             self.unconstrained_purity_tracker.update_state(
                 ops.purity(batch["true_label"], tf.convert_to_tensor(self.bank.true_labels), sets[-1][1]))
             logs["purity_unconstrained"] = self.unconstrained_purity_tracker.result()
-        for name, value in self.extra_metrics(batch, sims, sets).items():
+        for name, value in self.extra_metrics(batch, targets, sims, sets).items():
             self.extra_trackers[name].update_state(value)
             logs[name] = self.extra_trackers[name].result()
         return self._finish_logs(logs)

@@ -38,7 +38,7 @@ class CMSF2Q(MeanShift):
                                                       name="pool")
         self.built = True
 
-    def write_state(self, targets, labels, true_labels, indices):
+    def write_state(self, targets, labels, true_labels, indices, is_labelled):
         if self.pool is None:
             previous = targets  # the third view plays t' for the query; M' holds the same rows as M
         else:
@@ -58,7 +58,7 @@ class CMSF2Q(MeanShift):
         constrained = ops.nearest_among_from_sims(sims, candidates, self.topk)
         return [(0.5, constrained), (0.5, ops.top_k_indices(sims, self.topk))]
 
-    def extra_metrics(self, batch, sims, sets):
+    def extra_metrics(self, batch, targets, sims, sets):
         """Mean 0-based rank of the constrained neighbours in the unconstrained order: "distant yet
         related" neighbours rank beyond k - 1."""
         sample = sims[:RANK_SAMPLE]

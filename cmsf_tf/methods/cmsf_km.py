@@ -25,7 +25,7 @@ class CMSFKM(MeanShift):
                                            name="cluster_ids")
         self.built = True
 
-    def write_state(self, targets, labels, true_labels, indices):
+    def write_state(self, targets, labels, true_labels, indices, is_labelled):
         self.pool.write(indices, targets)
 
     def clusters_of(self, image_indices):

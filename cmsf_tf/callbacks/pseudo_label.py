@@ -1,0 +1,89 @@
+"""CMSF-Pseudo's pseudo-label head training, at the middle and at the end of every epoch.
+
+Each round continues from the head's current weights with a fresh optimizer state: SGD (momentum 0.9)
+for `epochs` passes over the labelled cache, learning rate divided by 10 at each milestone epoch. The
+round trains a copy of the head outside the distribution strategy on the default (training) device,
+then writes the weights back, which mirrors them to every replica; the copy sees the same cached rows
+whatever the number of replicas, so N replicas get the single device's head. Rounds fire on the global
+step (step % steps_per_epoch in {steps_per_epoch // 2, 0}), so a resumed run fires exactly where the
+uninterrupted one did, and the data order of a round is a function of (seed, step). Must run before
+the checkpoint saver, so the saved head is the trained one.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cmsf_tf.callbacks.checkpoint import global_step
+
+
+def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9):
+    """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1."""
+    features = np.asarray(features, np.float32)
+    labels = np.asarray(labels, np.int32)
+    steps = -(-len(features) // batch_size)
+    boundaries = [m * steps for m in milestones if 0 < m < epochs]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [lr * 0.1 ** i for i in range(len(boundaries) + 1)]) if boundaries else lr
+    optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
+    variables = head.trainable_variables
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(head(x, training=True), tf.float32)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
+
+    correct = 0.0
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(features))
+        correct = 0.0
+        for i in range(0, len(order), batch_size):
+            sel = order[i:i + batch_size]
+            if len(sel) < 2:  # BatchNorm needs two rows
+                continue
+            correct += float(step(tf.constant(features[sel]), tf.constant(labels[sel])))
+    return correct / max(len(features), 1)
+
+
+class PseudoLabelTrainer(keras.callbacks.Callback):
+    def __init__(self, steps_per_epoch, epochs=10, lr=0.01, milestones=(6, 8), batch_size=256, seed=0,
+                 logdir=None, log=print):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.epochs, self.lr, self.milestones, self.batch_size, self.seed = epochs, lr, tuple(milestones), batch_size, seed
+        self.writer = tf.summary.create_file_writer(logdir) if logdir else None
+        self.log = log
+        self.rounds = []  # (global step, cached rows, head train top-1) of the rounds this process ran
+        self._copy = None
+
+    def _due(self, step):
+        phase = step % self.steps_per_epoch
+        return step > 0 and (phase == 0 or (self.steps_per_epoch >= 2 and phase == self.steps_per_epoch // 2))
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = global_step(self.model)
+        if not self._due(step):
+            return
+        features, labels = self.model.labelled_cache.contents()
+        if len(features) < 2:
+            self.log(f"cmsf_pseudo: step {step}: fewer than 2 cached labelled images, head not trained")
+            return
+        if self._copy is None:  # built outside the strategy: plain variables on the default device
+            config = self.model.pseudo_head.get_config()
+            self._copy = keras.Model.from_config(config)
+        self._copy.set_weights(self.model.pseudo_head.get_weights())
+        accuracy = train_head(self._copy, features, labels, self.epochs, self.lr, self.milestones, self.batch_size,
+                              seed=self.seed * 1_000_003 + step)
+        self.model.pseudo_head.set_weights(self._copy.get_weights())
+        self.rounds.append((step, len(features), accuracy))
+        if logs is not None:
+            logs["head_train_top1"] = accuracy
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("pseudo/head_train_top1", accuracy)
+                tf.summary.scalar("pseudo/cached_rows", float(len(features)))
+            self.writer.flush()
+

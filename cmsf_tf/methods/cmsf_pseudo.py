@@ -1,0 +1,66 @@
+"""Semi-supervised CMSF-Pseudo: constrain the neighbours by ground-truth labels where they exist and by
+confident pseudo-labels elsewhere.
+
+A pseudo-label head (Linear-BN-ReLU-Linear, D -> 2D -> classes) reads the target embedding of every
+image. Query label: the ground truth for labelled images; for the others the head's top-1 class if its
+probability is at least `conf_threshold`, else -1 (no constraint: the plain MSF neighbours). The bank
+stores these labels, and -1 rows never match a label. Loss = the constrained loss alone; the plain MSF
+neighbours are a zero-weight second set, there only so that their purity is reported next to the
+constrained one's.
+
+The head is not trained by the step: `callbacks.pseudo_label.PseudoLabelTrainer` trains it on the
+`labelled_cache` (target embeddings and labels of recently seen labelled images, optionally also
+confident pseudo-labelled ones) at the middle and at the end of every epoch.
+"""
+
+import tensorflow as tf
+
+from cmsf_tf import ops
+from cmsf_tf.memory import LabelledCache
+from cmsf_tf.methods.base import MeanShift
+from cmsf_tf.models import heads
+
+
+class CMSFPseudo(MeanShift):
+    extra_metric_names = ("pseudo_accuracy", "confident_fraction")
+
+    def __init__(self, *, num_classes, conf_threshold=0.85, sup_bank_size=128000, cache_confident=False,
+                 sync_bn=False, **kwargs):
+        super().__init__(sync_bn=sync_bn, **kwargs)
+        self.num_classes = int(num_classes)
+        self.conf_threshold = float(conf_threshold)
+        self.cache_confident = bool(cache_confident)
+        dim = self.embedding_dim
+        self.pseudo_head = heads.mlp(dim, 2 * dim, self.num_classes, sync_bn, "pseudo_head")
+        self.labelled_cache = LabelledCache(sup_bank_size, dim, name="labelled_cache")
+
+    def pseudo_probabilities(self, targets):
+        return tf.nn.softmax(tf.cast(self.pseudo_head(targets, training=False), tf.float32), axis=-1)
+
+    def query_labels(self, batch, targets):
+        return ops.pseudo_query_labels(batch["label"], batch["is_labelled"], self.pseudo_probabilities(targets),
+                                       self.conf_threshold)
+
+    def bank_labels(self, batch, targets):
+        return self.query_labels(batch, targets)
+
+    def neighbour_sets(self, batch, targets, sims):
+        allowed = ops.label_constraint(self.query_labels(batch, targets), self.bank.labels)
+        return [(1.0, ops.top_k_indices(sims, self.topk, allowed)), (0.0, ops.top_k_indices(sims, self.topk))]
+
+    def write_state(self, targets, labels, true_labels, indices, is_labelled):
+        keep = is_labelled | (labels >= 0) if self.cache_confident else is_labelled
+        self.labelled_cache.write(targets, labels, keep)
+
+    def extra_metrics(self, batch, targets, sims, sets):
+        # Pseudo-labels of the unlabelled images against their hidden true labels: how often the head is
+        # confident, and how often it is right when it is.
+        labels = self.query_labels(batch, targets)
+        unlabelled = tf.logical_not(batch["is_labelled"])
+        confident = unlabelled & (labels >= 0)
+        correct = tf.cast(labels == tf.cast(batch["true_label"], tf.int32), tf.float32)
+        n_confident = tf.reduce_sum(tf.cast(confident, tf.float32))
+        n_unlabelled = tf.reduce_sum(tf.cast(unlabelled, tf.float32))
+        return {"pseudo_accuracy": tf.math.divide_no_nan(tf.reduce_sum(correct * tf.cast(confident, tf.float32)),
+                                                         n_confident),
+                "confident_fraction": tf.math.divide_no_nan(n_confident, n_unlabelled)}
