@@ -294,3 +294,76 @@ def test_xent_ignores_unlabelled_examples_and_reports_noisy_and_true_accuracy():
     noisy = dict(batch, label=(batch["true_label"] + 1) % 4)
     history = fit_steps(tiny_xent(), noisy, 30)
     assert history["train_top1"][-1] == 1.0 and history["train_top1_true"][-1] == 0.0
+
+
+def tiny_pseudo(topk=3, bank=64, cache=32, threshold=0.85):
+    keras.utils.set_random_seed(0)
+    model = METHODS["cmsf_pseudo"](arch="resnet18_small", image_size=SIZE, width=4, proj_hidden=32, proj_dim=16,
+                                   bank_size=bank, topk=topk, ema_momentum=0.9, weight_decay=1e-4, num_classes=4,
+                                   conf_threshold=threshold, sup_bank_size=cache)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return model
+
+
+def test_cmsf_pseudo_non_confident_rows_never_constrain_and_unconstrained_queries_get_msf():
+    rng = np.random.default_rng(11)
+    model = tiny_pseudo(topk=4)
+    bank = rng.normal(size=(64, 16)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bank_labels = np.where(rng.random(64) < 0.4, -1, rng.integers(0, 4, 64)).astype(np.int32)
+    model.bank.embeddings.assign(bank)
+    model.bank.labels.assign(bank_labels)
+    targets = bank[:6]
+    # Queries: two labelled (0, 3), two confidently pseudo-labelled (as 1 and 2), two not confident.
+    probs = np.full((6, 4), 0.25, np.float32)
+    probs[2], probs[3] = [0.05, 0.9, 0.03, 0.02], [0.0, 0.0, 0.95, 0.05]
+    model.pseudo_probabilities = lambda t: tf.constant(probs)
+    batch = {"label": tf.constant([0, 3, -1, -1, -1, -1]), "is_labelled": tf.constant([True, True] + [False] * 4)}
+    sims = targets @ bank.T
+    (w1, constrained), (w2, unconstrained) = model.neighbour_sets(batch, tf.constant(targets), tf.constant(sims))
+    assert (w1, w2) == (1.0, 0.0)  # the loss is the constrained one alone
+    query_labels = [0, 3, 1, 2, -1, -1]
+    for q, label in enumerate(query_labels):
+        got = constrained.numpy()[q]
+        if label < 0:  # unconstrained: the plain top-k
+            np.testing.assert_array_equal(got, np.argsort(-sims[q], kind="stable")[:4])
+        else:
+            n_same = int(np.sum(bank_labels == label))
+            assert np.all(bank_labels[got[:min(n_same, 4)]] == label)
+            assert not np.any(bank_labels[got[:min(n_same, 4)]] == -1)  # -1 rows never match a label
+        np.testing.assert_array_equal(unconstrained.numpy()[q], np.argsort(-sims[q], kind="stable")[:4])
+    np.testing.assert_array_equal(model.bank_labels(batch, tf.constant(targets)).numpy(), query_labels)
+
+
+def test_cmsf_pseudo_caches_the_labelled_rows_and_reports_pseudo_label_metrics():
+    model = tiny_pseudo(cache=32, threshold=0.3)
+    batch = dict(fixed_batch())
+    labels = np.where(np.arange(BATCH) % 4 == 0, batch["true_label"].numpy(), -1)
+    batch["label"] = tf.constant(labels, tf.int32)
+    batch["is_labelled"] = tf.constant(labels >= 0)
+    history = fit_steps(model, batch, 3)
+    embeddings, cached_labels = model.labelled_cache.contents()
+    assert len(cached_labels) == 3 * 4  # 4 labelled images per step, 3 steps
+    np.testing.assert_array_equal(cached_labels, np.tile(labels[labels >= 0], 3))
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    for name in ("pseudo_accuracy", "confident_fraction", "purity", "purity_unconstrained"):
+        assert all(0.0 <= v <= 1.0 for v in history[name]), name
+    # The cache is a ring: 3 more steps of 4 rows overflow 32 and wrap around.
+    fit_steps(model, batch, 6)
+    assert len(model.labelled_cache.contents()[1]) == 32 and int(model.labelled_cache.pointer.numpy()) == 36 % 32
+
+
+def test_pseudo_head_trains_to_high_accuracy_on_cached_separable_features():
+    from cmsf_tf.callbacks.pseudo_label import train_head
+    from cmsf_tf.models import heads
+
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(5, 16))
+    y = rng.integers(0, 5, 1000)
+    x = centres[y] + 0.3 * rng.normal(size=(1000, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    head = heads.mlp(16, 32, 5, name="pseudo_head")
+    accuracy = train_head(head, x[:800], y[:800], epochs=10, lr=0.05, milestones=(6, 8), batch_size=64)
+    assert accuracy > 0.95
+    held_out = np.argmax(head(x[800:].astype(np.float32), training=False).numpy(), axis=1)
+    assert np.mean(held_out == y[800:]) > 0.95

@@ -124,3 +124,20 @@ def test_ops_compile_with_xla():
     allowed = tf.constant(RNG.random((4, 32)) < 0.5)
     fn = tf.function(lambda t, m, a: ops.nearest_neighbours(t, m, 3, a), jit_compile=True)
     np.testing.assert_array_equal(fn(t, m, allowed).numpy(), ops.nearest_neighbours(t, m, 3, allowed).numpy())
+
+
+def test_pseudo_query_labels_follow_the_rule_against_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(200, 5)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 5, 200)
+    labels[rng.random(200) < 0.7] = -1  # unlabelled examples carry -1
+    is_labelled = labels >= 0
+    want = np.where(is_labelled, labels, np.where(probs.max(1) >= 0.85, probs.argmax(1), -1))
+    got = ops.pseudo_query_labels(tf.constant(labels, tf.int32), tf.constant(is_labelled),
+                                  tf.constant(probs, tf.float32), 0.85).numpy()
+    np.testing.assert_array_equal(got, want)
+    # All three cases occur, so the test tells them apart.
+    assert is_labelled.any() and (want[~is_labelled] >= 0).any() and (want == -1).any()
+    # A labelled example keeps its label even when the head is confidently wrong.
+    assert np.any(is_labelled & (probs.argmax(1) != labels) & (probs.max(1) >= 0.85))

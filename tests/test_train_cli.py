@@ -52,15 +52,18 @@ def checkpoint_state(model_dir):
             if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
+PSEUDO_FLAGS = ["--method=cmsf_pseudo", "--label_split=percent:25", "--sup_bank_size=64", "--pseudo_epochs=2",
+                "--pseudo_lr=0.1", "--conf_threshold=0.5"]
 METHOD_FLAGS = {"msf": [], "cmsf_2q": ["--method=cmsf_2q", "--topk_prime=4"],
                 "cmsf_km": ["--method=cmsf_km", "--num_clusters=4", "--kmeans_iters=3"],
                 "cmsf_sup": ["--method=cmsf_sup", "--label_noise=25"],
-                "xent": ["--method=xent", "--label_noise=25"]}
+                "xent": ["--method=xent", "--label_noise=25"],
+                "cmsf_pseudo": PSEUDO_FLAGS}
 PER_IMAGE_STATE = {"msf": (), "cmsf_2q": ("pool", "previous_bank"), "cmsf_km": ("pool", "cluster_ids"),
-                   "cmsf_sup": (), "xent": ()}
+                   "cmsf_sup": (), "xent": (), "cmsf_pseudo": ("pseudo_head", "labelled_cache")}
 
 
-@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent"])
+@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent", "cmsf_pseudo"])
 def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     flags = [f"--data_dir={fmnist_slice}", "--epochs=2", "--steps_per_epoch=4", "--deterministic",
              "--noknn_eval", *METHOD_FLAGS[method]]
@@ -207,8 +210,9 @@ def test_two_replica_mirrored_step_matches_single_device(tmp_path, fmnist_slice)
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_runs_finite_with_a_float32_bank(tmp_path, fmnist_slice, precision):
     model_dir = tmp_path / precision
+    # CMSF-Pseudo: the MeanShift step plus the pseudo-label head, its rounds and the labelled cache.
     out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=2", "--steps_per_epoch=3",
-                f"--mixed_precision={precision}", "--noknn_eval")
+                f"--mixed_precision={precision}", "--noknn_eval", *PSEUDO_FLAGS)
     assert out.returncode == 0, out.stderr[-3000:]
     # Steps count batches, also when float16 loss scaling skips an overflowing update.
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-6")
@@ -217,6 +221,9 @@ def test_mixed_precision_runs_finite_with_a_float32_bank(tmp_path, fmnist_slice,
     assert state[bank].dtype == np.float32 and np.isfinite(state[bank]).all()
     kernels = [v for n, v in state.items() if "kernel" in n and "optimizer" not in n]
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in kernels)
+    cache = [v for n, v in state.items() if "labelled_cache" in n and "embeddings" in n][0]
+    assert cache.dtype == np.float32 and np.isfinite(cache).all() and np.abs(cache).sum() > 0
+    assert any("pseudo_head" in n for n in state)
 
 
 def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice):
@@ -341,3 +348,44 @@ def test_cmsf_km_and_2q_log_their_metrics_to_tensorboard(tmp_path, fmnist_slice)
         else:
             ranks = [float(tf.make_ndarray(e.tensor_proto)) for e in tags["train/constrained_rank"]]
             assert all(r >= 0 for r in ranks)
+
+
+def test_pseudo_label_rounds_fire_at_mid_epoch_and_epoch_end(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "pseudo"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=2", "--steps_per_epoch=5",
+                "--noknn_eval", *PSEUDO_FLAGS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    # 5 steps per epoch: rounds after steps 2 and 5 of each epoch, nowhere else.
+    assert [e.step for e in acc.Tensors("pseudo/head_train_top1")] == [2, 5, 7, 10]
+    rows = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("pseudo/cached_rows")]
+    # The cache holds the labelled images of the batches so far (at most 64): count them in the stream.
+    from cmsf_tf import config, train as training
+    from cmsf_tf.data import pipeline, sources
+
+    source = sources.load("fashion_mnist", fmnist_slice)
+    labelled = training.training_labels(config.make(label_split="percent:25"), source).labels >= 0
+    seen = np.concatenate([labelled[pipeline.epoch_order(512, 0, e).numpy()[:5 * 32]] for e in (0, 1)])
+    assert rows == [float(min(64, seen[:s * 32].sum())) for s in (2, 5, 7, 10)]
+    for tag in ("train/pseudo_accuracy", "train/confident_fraction", "train/purity_unconstrained"):
+        assert tag in acc.Tags()["tensors"], tag
+
+
+def test_semi10_fmnist_recipe_runs_through_the_cli(tmp_path, fmnist_slice):
+    model_dir = tmp_path / "semi10"
+    out = run_cli("cmsf_tf.train", "--flagfile=flags/semi10_fmnist.cfg", f"--data_dir={fmnist_slice}",
+                  f"--model_dir={model_dir}", "--epochs=1", "--width=4", "--bank_size=512")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((model_dir / "result.json").read_text())
+    assert result["method"] == "cmsf_pseudo" and result["steps"] == 2  # 512 images, batch 256
+    flags = json.loads((model_dir / "flags.json").read_text())
+    assert flags["label_split"] == "percent:10" and flags["topk"] == 10 and flags["conf_threshold"] == 0.85
+
+
+def test_cmsf_pseudo_without_a_label_split_is_refused(tmp_path, fmnist_slice):
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path}", "--method=cmsf_pseudo")
+    assert_one_sentence_error(out, "--method=cmsf_pseudo needs --label_split")
