@@ -121,9 +121,11 @@ def run_knn(cfg, enc, features, log):
     report = knn.knn_report(index, index_labels, queries, query_labels, ks=cfg.knn_k,
                             num_classes=source.num_classes, mode=cfg.knn_search, vote=cfg.knn_vote,
                             temperature=cfg.knn_temperature)
-    top1 = report[f"knn_top1_k{max(cfg.knn_k)}"]
-    return {"top1": top1, **({"top5": report[f"knn_top5_k{max(cfg.knn_k)}"]} if f"knn_top5_k{max(cfg.knn_k)}" in report else {}),
-            **report, "dataset": dataset, "index_size": len(index), "queries": len(queries),
+    k = max(cfg.knn_k)  # the headline numbers are the largest k's
+    headline = {"top1": report[f"knn_top1_k{k}"]}
+    if f"knn_top5_k{k}" in report:
+        headline["top5"] = report[f"knn_top5_k{k}"]
+    return {**headline, **report, "dataset": dataset, "index_size": len(index), "queries": len(queries),
             "settings": {"k": list(cfg.knn_k), "vote": cfg.knn_vote, "temperature": cfg.knn_temperature,
                          "search": cfg.knn_search, "index_split": subset}}
 

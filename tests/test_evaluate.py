@@ -164,7 +164,6 @@ def test_transfer_on_two_tfds_mock_data_sets(run_dir, tmp_path):
 SERVE_SCRIPT = r"""
 import json, sys
 import numpy as np, tensorflow as tf
-import scann  # noqa: F401
 loaded = tf.saved_model.load(sys.argv[1])
 images = np.load(sys.argv[2])
 jpegs = [tf.io.encode_jpeg(tf.image.grayscale_to_rgb(tf.constant(im)), quality=95).numpy() for im in images]

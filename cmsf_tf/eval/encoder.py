@@ -114,8 +114,6 @@ def from_saved_model(path):
     """An exported SavedModel (cmsf_tf.export): its `encode` endpoint takes normalised images."""
     if not tf.saved_model.contains_saved_model(path):
         raise EncoderError(f"{path} is not a SavedModel directory")
-    import scann  # noqa: F401  (an export may carry a ScaNN index; its ops must be registered to load)
-
     loaded = tf.saved_model.load(path)
     if not hasattr(loaded, "encode"):
         raise EncoderError(f"SavedModel {path} has no 'encode' endpoint; export it with python -m cmsf_tf.export")
