@@ -43,6 +43,15 @@ TINY = ["--method=msf", "--dataset=fashion_mnist", "--arch=resnet18_small", "--w
         "--learning_rate=0.05", "--log_steps=1"]
 
 
+def read_events(logdir):
+    """TensorBoard's EventAccumulator over `logdir`, loaded: TF2 summaries are under Tags()["tensors"]."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return acc
+
+
 def run_cli(module, *args, timeout=600):
     """Runs `python -m module args` from the repository; returns the CompletedProcess."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)

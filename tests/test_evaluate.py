@@ -1,7 +1,6 @@
 """python -m cmsf_tf.evaluate and python -m cmsf_tf.export on a tiny run trained on the real Fashion-MNIST
 slice: results against NumPy references, JSON files, TensorBoard scalars, the SavedModel path, bad input."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, read_events, run_cli
 from tests.test_train_cli import assert_one_sentence_error
 
 
@@ -63,11 +62,7 @@ def test_knn_equals_numpy_on_the_checkpoint_features_and_writes_its_files(run_di
     assert result["network"]["step"] == 8 and result["network"]["encoder"] == "online"
     assert result["network"]["path"].endswith("ckpt-8") and result["wall_time_s"] > 0
     # TensorBoard scalars at the checkpoint's step.
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard" / "eval"),
-                                             size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
+    acc = read_events(str(run_dir / "tensorboard" / "eval"))
     events = acc.Tensors("eval/knn/knn_top1_k20")
     assert events[-1].step == 8
     assert float(tf.make_ndarray(events[-1].tensor_proto)) == pytest.approx(result["knn_top1_k20"])

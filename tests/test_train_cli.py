@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, read_events, run_cli
 
 
 def train(*args, timeout=600):
@@ -32,11 +32,7 @@ def test_end_to_end_run_leaves_its_files(tmp_path, fmnist_slice):
         assert 0.0 <= result[key] <= 1.0
     assert result["steps"] == 6 and result["wall_time_s"] > 0 and result["train_images_per_s"] > 0
     # TensorBoard: step-level scalars read back from the event files.
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
-                                             size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
+    acc = read_events(str(model_dir / "tensorboard"))
     tags = acc.Tags()["tensors"]
     for tag in ("train/loss", "train/purity", "train/lr", "epoch/loss"):
         assert tag in tags, tags
@@ -232,11 +228,7 @@ def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice
                 "--epochs=1", "--steps_per_epoch=4")
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((model_dir / "result.json").read_text())["method"] == "cmsf_sup"
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
-                                             size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
+    acc = read_events(str(model_dir / "tensorboard"))
     label_purity = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/label_purity")]
     purity = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/purity")]
     # Neighbours share the (noisy) training label; against the truth the noise shows.
@@ -250,11 +242,7 @@ def test_cross_entropy_baseline_through_the_cli_with_noisy_labels(tmp_path, fmni
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((model_dir / "result.json").read_text())
     assert result["method"] == "xent" and result["knn_top1_k20"] > 0.3
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
-                                             size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
+    acc = read_events(str(model_dir / "tensorboard"))
     tags = acc.Tags()["tensors"]
     for tag in ("train/loss", "train/train_top1", "train/train_top1_true", "epoch/train_top1"):
         assert tag in tags, tags
@@ -355,11 +343,7 @@ def test_pseudo_label_rounds_fire_at_mid_epoch_and_epoch_end(tmp_path, fmnist_sl
     out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=2", "--steps_per_epoch=5",
                 "--noknn_eval", *PSEUDO_FLAGS)
     assert out.returncode == 0, out.stderr[-3000:]
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"),
-                                             size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
+    acc = read_events(str(model_dir / "tensorboard"))
     # 5 steps per epoch: rounds after steps 2 and 5 of each epoch, nowhere else.
     assert [e.step for e in acc.Tensors("pseudo/head_train_top1")] == [2, 5, 7, 10]
     rows = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("pseudo/cached_rows")]

@@ -99,7 +99,7 @@ def from_checkpoint(model_dir, checkpoint=None, which="online"):
     ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(**{_BACKBONES[which]: backbone}))
     try:
         ckpt.restore(path).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError) as e:
+    except (AssertionError, ValueError):
         raise EncoderError(
             f"checkpoint {path} holds a {describe_checkpoint(path, which)} backbone, not the "
             f"{flags['arch']}, width {flags['width']} of {model_dir}/flags.json") from None
