@@ -43,8 +43,9 @@ def approx_settings(n, k):
     return settings
 
 
-def build_searcher(index_features, k, mode="exact"):
-    """(ScaNN searcher over the rows of `index_features` by dot product, seconds it took to build)."""
+def build_searcher(index_features, k, mode="exact", settings=None):
+    """(ScaNN searcher over the rows of `index_features` by dot product, seconds it took to build).
+    `settings` overrides entries of approx_settings (num_leaves, num_leaves_to_search, reorder, ...)."""
     import scann  # imported here: its TF custom ops take a moment to load and only evaluation needs them
 
     if k > len(index_features):
@@ -56,7 +57,7 @@ def build_searcher(index_features, k, mode="exact"):
     if mode == "exact":
         searcher = builder.score_brute_force().build()
     else:
-        s = approx_settings(len(index_features), k)
+        s = {**approx_settings(len(index_features), k), **(settings or {})}
         if "num_leaves" in s:
             builder = builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
                                    training_sample_size=s["training_sample_size"])
@@ -64,9 +65,11 @@ def build_searcher(index_features, k, mode="exact"):
     return searcher, time.time() - started
 
 
-def search_with(searcher, query_features, k):
-    """(int64 [Q, k] indices, float32 [Q, k] similarities) from a built searcher, most similar first."""
-    idx, sims = searcher.search_batched(np.ascontiguousarray(query_features, np.float32), final_num_neighbors=k)
+def search_with(searcher, query_features, k, leaves_to_search=None, reorder=None):
+    """(int64 [Q, k] indices, float32 [Q, k] similarities) from a built searcher, most similar first.
+    `leaves_to_search` / `reorder` override an approx searcher's settings for this call."""
+    idx, sims = searcher.search_batched(np.ascontiguousarray(query_features, np.float32), final_num_neighbors=k,
+                                        leaves_to_search=leaves_to_search, pre_reorder_num_neighbors=reorder)
     return idx.astype(np.int64), sims.astype(np.float32)
 
 
