@@ -81,5 +81,5 @@ def test_weighted_vote_and_top5_equal_a_numpy_reference():
 
 def test_approx_settings_scale_with_the_index():
     small, big = knn.approx_settings(5000, 20), knn.approx_settings(1_000_000, 20)
-    assert "num_leaves" not in small and small["reorder"] == 200
+    assert "num_leaves" not in small and small["reorder"] == 1000
     assert big["num_leaves"] == 1000 and big["num_leaves_to_search"] == 100

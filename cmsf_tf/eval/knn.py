@@ -34,8 +34,11 @@ def features_and_labels(encoder, batches):
 def approx_settings(n, k):
     """ScaNN settings of `approx` search scaled from the index size: ~sqrt(N) leaves of which a tenth
     (at least 32) are searched, anisotropic hashing with 2-dimensional blocks, exact re-ranking of a
-    shortlist of max(10k, 100). Below 10,000 rows a tree does not pay: hashing + re-ranking alone."""
-    settings = {"reorder": max(10 * k, 100)}
+    shortlist of max(50k, 250). Below 10,000 rows a tree does not pay: hashing + re-ranking alone.
+    tools/bench_knn.py (1M x 512, k = 20): the shortlist decides the agreement with exact search
+    (re-ranking 200: 98.1% of predicted labels, 1,000: 99.98%) while searching more leaves barely
+    does; the search stays > 10x faster than brute force."""
+    settings = {"reorder": max(50 * k, 250)}
     if n >= 10_000:
         leaves = int(np.sqrt(n))
         settings.update(num_leaves=leaves, num_leaves_to_search=min(leaves, max(leaves // 10, 32)),
