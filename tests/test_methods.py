@@ -319,6 +319,7 @@ def test_cmsf_pseudo_non_confident_rows_never_constrain_and_unconstrained_querie
     probs[2], probs[3] = [0.05, 0.9, 0.03, 0.02], [0.0, 0.0, 0.95, 0.05]
     model.pseudo_probabilities = lambda t: tf.constant(probs)
     batch = {"label": tf.constant([0, 3, -1, -1, -1, -1]), "is_labelled": tf.constant([True, True] + [False] * 4)}
+    batch["query_label"] = model.bank_labels(batch, tf.constant(targets))  # as the train step passes it on
     sims = targets @ bank.T
     (w1, constrained), (w2, unconstrained) = model.neighbour_sets(batch, tf.constant(targets), tf.constant(sims))
     assert (w1, w2) == (1.0, 0.0)  # the loss is the constrained one alone

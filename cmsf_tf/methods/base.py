@@ -141,7 +141,8 @@ class MeanShift(TrainingPlumbing, keras.Model):
 
     # ----- method hooks -----
     def bank_labels(self, batch, targets):
-        """int[B] written to the bank's `labels` and compared by label constraints."""
+        """int[B] written to the bank's `labels` and compared by label constraints. Called once per
+        step; the other hooks find the result in batch["query_label"]."""
         return batch["label"]
 
     def neighbour_sets(self, batch, targets, sims):
@@ -162,8 +163,9 @@ class MeanShift(TrainingPlumbing, keras.Model):
     # ----- the step -----
     def train_step(self, batch):
         targets = self.target_embedding(batch["weak"])
+        batch = dict(batch, query_label=self.bank_labels(batch, targets))
         # is_labelled travels as int32: collectives do not all-gather booleans on every platform.
-        rows = distribute.gather(targets, self.bank_labels(batch, targets), batch["true_label"], batch["index"],
+        rows = distribute.gather(targets, batch["query_label"], batch["true_label"], batch["index"],
                                  tf.cast(batch["is_labelled"], tf.int32))
         self.bank.write(*rows[:4])
         self.write_state(*rows[:4], rows[4] > 0)

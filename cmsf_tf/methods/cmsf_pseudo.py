@@ -37,15 +37,12 @@ class CMSFPseudo(MeanShift):
     def pseudo_probabilities(self, targets):
         return tf.nn.softmax(tf.cast(self.pseudo_head(targets, training=False), tf.float32), axis=-1)
 
-    def query_labels(self, batch, targets):
+    def bank_labels(self, batch, targets):
         return ops.pseudo_query_labels(batch["label"], batch["is_labelled"], self.pseudo_probabilities(targets),
                                        self.conf_threshold)
 
-    def bank_labels(self, batch, targets):
-        return self.query_labels(batch, targets)
-
     def neighbour_sets(self, batch, targets, sims):
-        allowed = ops.label_constraint(self.query_labels(batch, targets), self.bank.labels)
+        allowed = ops.label_constraint(batch["query_label"], self.bank.labels)
         return [(1.0, ops.top_k_indices(sims, self.topk, allowed)), (0.0, ops.top_k_indices(sims, self.topk))]
 
     def write_state(self, targets, labels, true_labels, indices, is_labelled):
@@ -55,7 +52,7 @@ class CMSFPseudo(MeanShift):
     def extra_metrics(self, batch, targets, sims, sets):
         # Pseudo-labels of the unlabelled images against their hidden true labels: how often the head is
         # confident, and how often it is right when it is.
-        labels = self.query_labels(batch, targets)
+        labels = batch["query_label"]
         unlabelled = tf.logical_not(batch["is_labelled"])
         confident = unlabelled & (labels >= 0)
         correct = tf.cast(labels == tf.cast(batch["true_label"], tf.int32), tf.float32)
