@@ -79,7 +79,7 @@ class Features:
         import keras
 
         from cmsf_tf.data import pipeline
-        from cmsf_tf.eval import encoder as encoders
+        from cmsf_tf.eval import knn
 
         identity = {"network": {k: self.encoder.info.get(k) for k in ("kind", "path", "step", "encoder")},
                     "dataset": dataset, "split": split, "subset": keep_name, "image_size": self.encoder.image_size}
@@ -92,9 +92,10 @@ class Features:
         total = source.num_train if split == "train" else source.num_test
         bar = keras.utils.Progbar(total, verbose=1 if sys.stderr.isatty() else 0, unit_name="image")
         self.log(f"extracting {split} features of {dataset} ({total} images) ...")
-        feats, labels = encoders.extract(
-            self.encoder, pipeline.eval_split(source, split, self.encoder.image_size, self.cfg.eval_batch_size, keep),
-            progress=lambda n: bar.update(min(n, total)))
+        feats, labels = knn.features_and_labels(
+            self.encoder.features,
+            pipeline.eval_split(source, split, self.encoder.image_size, self.cfg.eval_batch_size, keep),
+            progress=lambda n: bar.update(min(n, total)), dim=self.encoder.feature_dim)
         if self.cfg.cache_features:
             os.makedirs(self.dir, exist_ok=True)
             np.savez(path, features=feats, labels=labels, identity=json.dumps(identity))
@@ -132,7 +133,6 @@ def run_knn(cfg, enc, features, log):
 
 def run_linear(cfg, enc, features, log):
     from cmsf_tf.data import pipeline
-    from cmsf_tf.data.pipeline import LabelPlan
     from cmsf_tf.eval import linear
 
     dataset, data_dir, class_list, _, seed = data_settings(cfg, enc.info)
@@ -144,13 +144,11 @@ def run_linear(cfg, enc, features, log):
     if cfg.linear_augment:
         import tensorflow as tf
 
-        plan = LabelPlan(source.num_classes, labels=None if source.train_labels is None
-                         else np.asarray(source.train_labels, np.int32))
         mean, std = (tf.constant(s, tf.float32) for s in stats)
         embed = tf.function(lambda x: (tf.math.l2_normalize(tf.cast(enc.features(x), tf.float32), -1) - mean) / std)
 
         def batches(epoch):
-            for images, labels in pipeline.labelled_dataset(source, plan, enc.image_size, cfg.linear_batch_size,
+            for images, labels in pipeline.labelled_dataset(source, None, enc.image_size, cfg.linear_batch_size,
                                                             seed, 1000 + epoch):
                 yield embed(images), labels
     else:

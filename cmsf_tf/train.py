@@ -255,15 +255,17 @@ def run(cfg, log=print):
 
 
 def knn_evaluation(encoder, source, cfg, log):
-    from cmsf_tf.eval import knn
+    import tensorflow as tf
 
     from cmsf_tf.data import pipeline
+    from cmsf_tf.eval import knn
 
     log("k-NN evaluation on the test split ...")
+    features = tf.function(lambda images: encoder(images, training=False))
     train_feats, train_labels = knn.features_and_labels(
-        encoder, pipeline.eval_split(source, "train", cfg.image_size, cfg.eval_batch_size))
+        features, pipeline.eval_split(source, "train", cfg.image_size, cfg.eval_batch_size))
     test_feats, test_labels = knn.features_and_labels(
-        encoder, pipeline.eval_split(source, "test", cfg.image_size, cfg.eval_batch_size))
+        features, pipeline.eval_split(source, "test", cfg.image_size, cfg.eval_batch_size))
     ks = tuple(k for k in (1, 20) if k <= len(train_feats))  # a tiny training set has no 20-NN
     return knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=ks,
                             num_classes=source.num_classes)

@@ -32,13 +32,13 @@ def evaluate(*args, timeout=600):
 def in_process_features(run_dir, which="online"):
     """Features of the slice's train and test splits computed here, from the checkpoint."""
     from cmsf_tf.data import pipeline, sources
-    from cmsf_tf.eval import encoder
+    from cmsf_tf.eval import encoder, knn
 
     flags = json.loads((run_dir / "flags.json").read_text())
     source = sources.load("fashion_mnist", flags["data_dir"])
     enc = encoder.from_checkpoint(str(run_dir), which=which)
-    return (*encoder.extract(enc, pipeline.eval_split(source, "train", 28, 128)),
-            *encoder.extract(enc, pipeline.eval_split(source, "test", 28, 128)), source)
+    return (*knn.features_and_labels(enc.features, pipeline.eval_split(source, "train", 28, 128)),
+            *knn.features_and_labels(enc.features, pipeline.eval_split(source, "test", 28, 128)), source)
 
 
 def numpy_knn_accuracy(index, index_labels, queries, query_labels, k):

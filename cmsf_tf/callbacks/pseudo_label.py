@@ -11,21 +11,17 @@ the checkpoint saver, so the saved head is the trained one.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from cmsf_tf.callbacks.checkpoint import global_step
+from cmsf_tf.eval import linear
 
 
 def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9):
     """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1."""
-    features = np.asarray(features, np.float32)
-    labels = np.asarray(labels, np.int32)
     steps = -(-len(features) // batch_size)
-    boundaries = [m * steps for m in milestones if 0 < m < epochs]
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [lr * 0.1 ** i for i in range(len(boundaries) + 1)]) if boundaries else lr
-    optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
+    optimizer = keras.optimizers.SGD(linear.step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
+                                     momentum=momentum)
     variables = head.trainable_variables
 
     @tf.function
@@ -36,15 +32,11 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
 
+    batches = linear.cached_batches(features, labels, batch_size, seed)
     correct = 0.0
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(features))
-        correct = 0.0
-        for i in range(0, len(order), batch_size):
-            sel = order[i:i + batch_size]
-            if len(sel) < 2:  # BatchNorm needs two rows
-                continue
-            correct += float(step(tf.constant(features[sel]), tf.constant(labels[sel])))
+        # BatchNorm needs two rows: a last batch of one is skipped.
+        correct = sum(float(step(tf.constant(x), tf.constant(y))) for x, y in batches(epoch) if len(x) >= 2)
     return correct / max(len(features), 1)
 
 

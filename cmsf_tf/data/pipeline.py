@@ -233,13 +233,6 @@ def _record_stream(source, seed, per_epoch, start_epoch, end_epoch, pipelines, p
     return ds
 
 
-def eval_dataset(images, image_size, batch_size):
-    """Deterministic eval-transformed uint8 `images` [N, H, W, C], in order."""
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    ds = ds.map(lambda im: augment.eval_view(im, image_size), num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
-
-
 def eval_split(source, split, image_size, batch_size, keep=None):
     """Batches of (eval-view images, int32 labels) of a source's "train" or "test" split, read in one
     pass: in index order for random-access sources, file order for record sources. `keep`: a tf
@@ -271,9 +264,12 @@ def eval_split(source, split, image_size, batch_size, keep=None):
 
 
 def labelled_dataset(source, labels, image_size, batch_size, seed, epoch, crop_min_scale=0.08):
-    """One epoch of (weak view, int32 label) batches of the examples `labels` (a LabelPlan) marks as
-    labelled, freshly shuffled per (seed, epoch); the last batch may be smaller. Random-access sources
-    read only the labelled examples; record sources are read whole and filtered."""
+    """One epoch of (weak view, int32 label) batches of the examples `labels` (a LabelPlan; None: every
+    example with its true label) marks as labelled, freshly shuffled per (seed, epoch); the last batch
+    may be smaller. Random-access sources read only the labelled examples; record sources are read
+    whole and filtered."""
+    if labels is None:
+        labels = LabelPlan(source.num_classes, labels=_true_labels(source))
     label_fn = labels.make_fn()
     if isinstance(source, sources.RecordSource):
         read = lambda index, payload, true_labels: payload  # noqa: E731

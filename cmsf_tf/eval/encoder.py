@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import tensorflow as tf
 
 from cmsf_tf.models import backbones
@@ -125,16 +124,3 @@ def from_saved_model(path):
     return Encoder(features=lambda x: loaded.encode(x), image_size=image_size, feature_dim=dim,
                    info={**meta, "kind": "saved_model", "path": path, "exported_from": meta.get("path")})
 
-
-def extract(encoder, batches, progress=None):
-    """(float32 [N, F] L2-normalised features, int32 [N] labels) of (images, labels) batches."""
-    feats, labels = [], []
-    for images, batch_labels in batches:
-        f = encoder.features(images)
-        feats.append(tf.math.l2_normalize(tf.cast(f, tf.float32), axis=-1).numpy())
-        labels.append(np.asarray(batch_labels))
-        if progress:
-            progress(sum(len(x) for x in labels))
-    if not feats:
-        return np.zeros((0, encoder.feature_dim), np.float32), np.zeros((0,), np.int32)
-    return np.concatenate(feats), np.concatenate(labels).astype(np.int32)

@@ -6,28 +6,22 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf import ops
-from cmsf_tf.data import pipeline
+from cmsf_tf.eval.linear import top_k_accuracy
 
 
-def _encode(encoder):
-    return tf.function(lambda x: ops.l2_normalize(encoder(x, training=False)))
-
-
-def extract_features(encoder, images, image_size, batch_size=512):
-    """float32 [N, D] unit-length features of uint8 `images` under the deterministic eval transform."""
-    fn = _encode(encoder)
-    chunks = [fn(batch).numpy() for batch in pipeline.eval_dataset(images, image_size, batch_size)]
-    return np.concatenate(chunks, axis=0)
-
-
-def features_and_labels(encoder, batches):
+def features_and_labels(features, batches, progress=None, dim=None):
     """(float32 [N, D] unit-length features, int32 [N] labels) of (images, labels) batches
-    (pipeline.eval_split), in one pass over the data."""
-    fn = _encode(encoder)
-    feats, labels = [], []
+    (pipeline.eval_split), in one pass over the data. `features`: images -> [B, D] (raw backbone
+    output); `progress(n)` is told the number of images done after each batch."""
+    feats, labels, done = [], [], 0
     for images, batch_labels in batches:
-        feats.append(fn(images).numpy())
-        labels.append(batch_labels.numpy())
+        feats.append(ops.l2_normalize(tf.cast(features(images), tf.float32)).numpy())
+        labels.append(np.asarray(batch_labels))
+        done += len(labels[-1])
+        if progress:
+            progress(done)
+    if not feats:
+        return np.zeros((0, dim or 0), np.float32), np.zeros((0,), np.int32)
     return np.concatenate(feats, axis=0), np.concatenate(labels).astype(np.int32)
 
 
@@ -104,11 +98,6 @@ def weighted_vote_counts(neighbour_labels, similarities, num_classes, temperatur
     return vote_counts(neighbour_labels, num_classes, np.exp(similarities.astype(np.float64) / temperature))
 
 
-def top_n(scores, n):
-    """int [Q, n] classes with the highest scores, best first; ties to the smallest class (stable)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :n]
-
-
 def knn_report(index_features, index_labels, query_features, query_labels, ks=(1, 20), num_classes=None,
                mode="exact", vote="majority", temperature=0.07):
     """{f"knn_top1_k{k}": ..., f"knn_top5_k{k}" (k >= 5): ...} with `vote` majority or weighted."""
@@ -124,10 +113,10 @@ def knn_report(index_features, index_labels, query_features, query_labels, ks=(1
             scores = vote_counts(nbr_labels[:, :k], num_classes)
         else:
             scores = weighted_vote_counts(nbr_labels[:, :k], sims[:, :k], num_classes, temperature)
-        best = top_n(scores, min(5, num_classes))
-        out[f"knn_top1_k{k}"] = float(np.mean(best[:, 0] == query_labels))
-        if k >= 5 and num_classes > 5:
-            out[f"knn_top5_k{k}"] = float(np.mean(np.any(best == query_labels[:, None], axis=1)))
+        accuracy = top_k_accuracy(scores, query_labels)  # ties to the smallest class, as torch.mode
+        out[f"knn_top1_k{k}"] = accuracy["top1"]
+        if k >= 5 and "top5" in accuracy:  # top-5 of fewer neighbours or classes says nothing
+            out[f"knn_top5_k{k}"] = accuracy["top5"]
     return out
 
 

@@ -51,15 +51,20 @@ class LinearHead:
         return np.concatenate([self.logits(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
 
 
+def step_schedule(lr, milestones, steps_per_epoch):
+    """lr, divided by 10 after each milestone epoch (a Keras schedule over optimizer steps)."""
+    boundaries = [m * steps_per_epoch for m in milestones]
+    if not boundaries:
+        return lr
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [lr * 0.1 ** i for i in range(len(boundaries) + 1)])
+
+
 def train_probe(batches, dim, num_classes, steps_per_epoch, epochs=40, lr=0.01, momentum=0.9,
                 milestones=(15, 30), weight_decay=0.0, seed=0, log=None):
     """A LinearHead trained with SGD + step decay. `batches(epoch)` yields (features [B, D], labels [B])
     of one epoch (already standardised)."""
     head = LinearHead(dim, num_classes, seed)
-    boundaries = [m * steps_per_epoch for m in milestones]
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [lr * 0.1 ** i for i in range(len(boundaries) + 1)]) if boundaries else lr
-    optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
+    optimizer = keras.optimizers.SGD(step_schedule(lr, milestones, steps_per_epoch), momentum=momentum)
     variables = [head.w, head.b]
 
     @tf.function
