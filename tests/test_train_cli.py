@@ -94,17 +94,21 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     assert [v for n, v in a.items() if "iter" in n][0] == 8
 
 
-@pytest.mark.parametrize("method", ["cmsf_2q", "cmsf_km"])
-def test_two_replicas_keep_the_per_image_state_of_one_device(tmp_path, fmnist_slice, method):
-    """The pools (and k-means ids) are ONLY_FIRST_REPLICA variables written with gathered rows: under 2
-    replicas they must hold what one device holds, every image of the batch included."""
-    flags = [f"--data_dir={fmnist_slice}", *METHOD_FLAGS[method], "--epochs=1", "--steps_per_epoch=1",
-             "--noknn_eval", "--deterministic"]
+def one_device_and_two_replicas(tmp_path, fmnist_slice, *flags):
+    """Checkpoint states after one epoch of the same run on one device and on 2 mirrored CPU replicas."""
+    flags = [f"--data_dir={fmnist_slice}", *flags, "--epochs=1", "--noknn_eval", "--deterministic"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train(*flags, f"--model_dir={one}").returncode == 0
     out = train(*flags, f"--model_dir={two}", "--strategy=mirrored", "--cpu_devices=2")
     assert out.returncode == 0, out.stderr[-3000:]
-    a, b = checkpoint_state(one), checkpoint_state(two)
+    return checkpoint_state(one), checkpoint_state(two)
+
+
+@pytest.mark.parametrize("method", ["cmsf_2q", "cmsf_km"])
+def test_two_replicas_keep_the_per_image_state_of_one_device(tmp_path, fmnist_slice, method):
+    """The pools (and k-means ids) are ONLY_FIRST_REPLICA variables written with gathered rows: under 2
+    replicas they must hold what one device holds, every image of the batch included."""
+    a, b = one_device_and_two_replicas(tmp_path, fmnist_slice, *METHOD_FLAGS[method], "--steps_per_epoch=1")
     writes = [n for n in a if "pool" in n and "writes" in n][0]
     np.testing.assert_array_equal(a[writes], b[writes])
     assert a[writes].sum() == 32  # the whole global batch, once
@@ -118,13 +122,7 @@ def test_two_replicas_keep_the_per_image_state_of_one_device(tmp_path, fmnist_sl
 def test_two_replicas_keep_the_pseudo_label_head_and_cache_of_one_device(tmp_path, fmnist_slice):
     """The cache is written with gathered rows and the head is trained outside the strategy and written
     back: two replicas must end with one device's cache and (nearly) its head."""
-    flags = [f"--data_dir={fmnist_slice}", *PSEUDO_FLAGS, "--epochs=1", "--steps_per_epoch=2", "--noknn_eval",
-             "--deterministic"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert train(*flags, f"--model_dir={one}").returncode == 0
-    out = train(*flags, f"--model_dir={two}", "--strategy=mirrored", "--cpu_devices=2")
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, b = checkpoint_state(one), checkpoint_state(two)
+    a, b = one_device_and_two_replicas(tmp_path, fmnist_slice, *PSEUDO_FLAGS, "--steps_per_epoch=2")
     labels = [n for n in a if "labelled_cache" in n and "labels" in n][0]
     np.testing.assert_array_equal(a[labels], b[labels])
     assert (a[labels] >= 0).sum() > 0
