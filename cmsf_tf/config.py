@@ -59,8 +59,10 @@ flags.DEFINE_integer("sup_bank_size", 128000, "cmsf_pseudo: rows of the cache of
 flags.DEFINE_bool("pseudo_cache_confident", False, "cmsf_pseudo: also cache confidently pseudo-labelled images.")
 flags.DEFINE_integer("pseudo_epochs", 10, "cmsf_pseudo: passes over the cache per head-training round (a round at "
                      "the middle and at the end of every epoch).")
-flags.DEFINE_float("pseudo_lr", 0.01, "cmsf_pseudo: SGD learning rate of the head (momentum 0.9).")
-flags.DEFINE_list("pseudo_milestones", ["6", "8"], "cmsf_pseudo: passes after which the head's lr is divided by 10.")
+flags.DEFINE_float("pseudo_lr", 0.01, "cmsf_pseudo: SGD learning rate of the head (momentum 0.9; paper: 0.01).")
+flags.DEFINE_float("pseudo_weight_decay", 1e-4, "cmsf_pseudo: weight decay of the head's SGD (paper: 1e-4).")
+flags.DEFINE_list("pseudo_milestones", ["15", "30", "40"], "cmsf_pseudo: passes after which the head's lr is divided "
+                  "by 10 (the paper's code: 15,30,40, which 10 passes never reach, so the lr stays constant).")
 flags.DEFINE_integer("pseudo_batch_size", 256, "cmsf_pseudo: batch size of head training.")
 flags.DEFINE_float("label_smoothing", 0.0, "xent: label smoothing of the cross-entropy targets.")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
@@ -123,6 +125,7 @@ class Config:
     pseudo_cache_confident: bool
     pseudo_epochs: int
     pseudo_lr: float
+    pseudo_weight_decay: float
     pseudo_milestones: tuple
     pseudo_batch_size: int
     label_smoothing: float
@@ -228,6 +231,8 @@ def validate(cfg):
                 raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
         if not cfg.pseudo_lr > 0:
             raise UsageError(f"--pseudo_lr must be positive (got {cfg.pseudo_lr})")
+        if not cfg.pseudo_weight_decay >= 0:
+            raise UsageError(f"--pseudo_weight_decay must not be negative (got {cfg.pseudo_weight_decay})")
     if not 0 <= cfg.label_smoothing < 1:
         raise UsageError(f"--label_smoothing must be in [0, 1) (got {cfg.label_smoothing})")
     if not 0 < cfg.crop_min_scale <= 1:

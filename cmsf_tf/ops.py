@@ -80,10 +80,12 @@ def mean_shift_loss(queries, bank, indices):
 
 
 def purity(query_labels, bank_labels, indices):
-    """Scalar float32: fraction of the neighbours whose bank label equals the query's label."""
+    """Scalar float32: fraction of the neighbours whose bank label equals the query's label. A label < 0
+    (unlabelled, or an empty bank slot) never counts as a match, not even with another -1."""
     query_labels = tf.convert_to_tensor(query_labels)
     nbr_labels = tf.cast(tf.gather(bank_labels, indices), query_labels.dtype)
-    return tf.reduce_mean(tf.cast(tf.equal(nbr_labels, query_labels[:, None]), tf.float32))
+    match = tf.logical_and(tf.equal(nbr_labels, query_labels[:, None]), (query_labels >= 0)[:, None])
+    return tf.reduce_mean(tf.cast(match, tf.float32))
 
 
 def l2_normalize(x):

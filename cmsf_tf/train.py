@@ -200,7 +200,7 @@ def run(cfg, log=print):
         callbacks.append(PseudoLabelTrainer(steps_per_epoch, cfg.pseudo_epochs, cfg.pseudo_lr,
                                             [int(m) for m in cfg.pseudo_milestones], cfg.pseudo_batch_size, cfg.seed,
                                             logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None,
-                                            log=log))
+                                            log=log, weight_decay=cfg.pseudo_weight_decay))
     callbacks.append(saver)
     if chief:
         callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))

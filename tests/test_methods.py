@@ -178,10 +178,32 @@ def test_cmsf_2q_pool_holds_the_previous_epochs_view_of_each_image():
     assert not np.allclose(latest[1], latest[2])
 
 
-def test_cmsf_2q_third_view_variant_runs_without_a_pool():
-    model = tiny_pool_model("cmsf_2q", 16, topk_prime=3, third_view=True)
-    history = model.fit(epoch_stream(16, 0, third_view=True), epochs=1, steps_per_epoch=2, verbose=0).history
+def test_cmsf_2q_third_view_variant_searches_a_bank_of_third_views():
+    """M' holds the third views (not the weak views of M), and the constrained neighbours are the k rows
+    of M most similar to t among the top-k' of the third view t' in M' (NumPy reference)."""
+    model = tiny_pool_model("cmsf_2q", 16, topk_prime=4, third_view=True)
+    stream = iter(epoch_stream(16, 0, third_view=True))
+    batches = [next(stream), next(stream)]
+    for batch in batches:  # fill both banks (16 rows = 2 batches of 8)
+        third = model.target_embedding(batch["third"]).numpy()  # what the step computes, before its EMA
+        weak = model.target_embedding(batch["weak"]).numpy()
+        history = model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, steps_per_epoch=1, verbose=0).history
+        start = (int(model.bank.pointer.numpy()) - 8) % 16  # the ring wraps after the second batch
+        np.testing.assert_allclose(model.previous_bank.embeddings.numpy()[start:start + 8], third, atol=1e-5)
+        np.testing.assert_allclose(model.bank.embeddings.numpy()[start:start + 8], weak, atol=1e-5)
+        assert not np.allclose(third, weak, atol=1e-3)  # the two views differ, so the test tells them apart
     assert model.pool is None and np.isfinite(history["loss"][0])
+    batch = dict(batches[0])
+    targets = model.target_embedding(batch["weak"])
+    batch["third_target"] = model.target_embedding(batch["third"])
+    bank, prev_bank = model.bank.embeddings.numpy(), model.previous_bank.embeddings.numpy()
+    sims = targets.numpy() @ bank.T
+    constrained, _ = model.neighbour_sets(batch, targets, tf.constant(sims))
+    t_prime = batch["third_target"].numpy()
+    for b in range(len(sims)):
+        candidates = np.argsort(-(t_prime[b] @ prev_bank.T), kind="stable")[:4]
+        want = candidates[np.argsort(-sims[b, candidates], kind="stable")[:2]]
+        np.testing.assert_array_equal(constrained[1].numpy()[b], want)
 
 
 def test_cmsf_km_constraint_follows_the_current_cluster_ids():
@@ -368,3 +390,28 @@ def test_pseudo_head_trains_to_high_accuracy_on_cached_separable_features():
     assert accuracy > 0.95
     held_out = np.argmax(head(x[800:].astype(np.float32), training=False).numpy(), axis=1)
     assert np.mean(held_out == y[800:]) > 0.95
+
+
+def test_pseudo_head_weight_decay_is_torch_sgds_and_the_defaults_are_the_papers():
+    """One SGD step with and without weight decay differs by exactly -lr * wd * w0 on every parameter
+    (torch.optim.SGD's coupled decay: grad += wd * p); the defaults are pseudo_label_train.py's as the
+    paper ran it: lr 0.01, wd 1e-4, milestones 15,30,40 that 10 passes never reach."""
+    from cmsf_tf import config
+    from cmsf_tf.callbacks.pseudo_label import train_head
+    from cmsf_tf.models import heads
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    heads_ = [heads.mlp(8, 16, 3, name=f"pseudo_head_{i}") for i in range(2)]
+    heads_[1].set_weights(heads_[0].get_weights())
+    start = [w.copy() for w in heads_[0].get_weights()]
+    train_head(heads_[0], x, y, epochs=1, lr=0.1, batch_size=64, weight_decay=0.0)
+    train_head(heads_[1], x, y, epochs=1, lr=0.1, batch_size=64, weight_decay=0.01)
+    trainable = {id(v) for v in heads_[0].trainable_variables}
+    for v0, v1, w0 in zip(heads_[0].weights, heads_[1].weights, start):
+        expected = -0.1 * 0.01 * w0 if id(v0) in trainable else 0.0  # BN moving stats: no decay
+        np.testing.assert_allclose(v1.numpy() - v0.numpy(), expected, atol=1e-6)
+    cfg = config.make(method="cmsf_pseudo", label_split="percent:10")
+    assert cfg.pseudo_lr == 0.01 and cfg.pseudo_weight_decay == 1e-4
+    assert min(int(m) for m in cfg.pseudo_milestones) >= cfg.pseudo_epochs == 10

@@ -119,6 +119,18 @@ def test_purity_matches_reference():
     np.testing.assert_allclose(ops.purity(ql, bl, idx).numpy(), want)
 
 
+def test_purity_never_counts_unlabelled_rows_as_matches():
+    # Semi-supervised and label-split runs: -1 (unlabelled query or row) == -1 is not a match.
+    ql = RNG.integers(-1, 3, 40).astype(np.int32)
+    bl = RNG.integers(-1, 3, 30).astype(np.int32)
+    idx = RNG.integers(0, 30, size=(40, 5)).astype(np.int32)
+    want = np.mean((bl[idx] == ql[:, None]) & (ql[:, None] >= 0))
+    assert np.any((bl[idx] == -1) & (ql[:, None] == -1))  # the case the rule is about occurs
+    np.testing.assert_allclose(ops.purity(ql, bl, idx).numpy(), want)
+    all_unlabelled = np.full(6, -1, np.int32)
+    assert ops.purity(all_unlabelled, np.full(30, -1, np.int32), idx[:6]).numpy() == 0.0
+
+
 def test_ops_compile_with_xla():
     t, m = unit(4, 8), unit(32, 8)
     allowed = tf.constant(RNG.random((4, 32)) < 0.5)

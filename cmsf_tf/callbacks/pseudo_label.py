@@ -1,7 +1,10 @@
 """CMSF-Pseudo's pseudo-label head training, at the middle and at the end of every epoch.
 
-Each round continues from the head's current weights with a fresh optimizer state: SGD (momentum 0.9)
-for `epochs` passes over the labelled cache, learning rate divided by 10 at each milestone epoch. The
+Each round continues from the head's current weights with a fresh optimizer state: SGD (momentum 0.9,
+weight decay 1e-4 on every parameter as PyTorch's SGD applies it) for `epochs` passes over the labelled
+cache, learning rate divided by 10 at each milestone epoch. The paper's code (semi_supervised/
+pseudo_label_train.py `train_pseudo_lbl`, run with --pseudo_lbl_epochs 10 --pseudo_lbl_lr_schedule
+'15,30,40') never reaches a milestone, so the lr stays 0.01: the defaults here. The
 round trains a copy of the head outside the distribution strategy on the default (training) device,
 then writes the weights back, which mirrors them to every replica; the copy sees the same cached rows
 whatever the number of replicas, so N replicas get the single device's head. Rounds fire on the global
@@ -17,7 +20,8 @@ from cmsf_tf.callbacks.checkpoint import global_step
 from cmsf_tf.eval import linear
 
 
-def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9):
+def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9,
+               weight_decay=1e-4):
     """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1."""
     steps = -(-len(features) // batch_size)
     optimizer = keras.optimizers.SGD(linear.step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
@@ -29,6 +33,8 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
         with tf.GradientTape() as tape:
             logits = tf.cast(head(x, training=True), tf.float32)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            if weight_decay:  # coupled L2 on every parameter, biases and BatchNorm included (torch.optim.SGD)
+                loss += 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
 
@@ -41,11 +47,12 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
 
 
 class PseudoLabelTrainer(keras.callbacks.Callback):
-    def __init__(self, steps_per_epoch, epochs=10, lr=0.01, milestones=(6, 8), batch_size=256, seed=0,
-                 logdir=None, log=print):
+    def __init__(self, steps_per_epoch, epochs=10, lr=0.01, milestones=(15, 30, 40), batch_size=256, seed=0,
+                 logdir=None, log=print, weight_decay=1e-4):
         super().__init__()
         self.steps_per_epoch = int(steps_per_epoch)
         self.epochs, self.lr, self.milestones, self.batch_size, self.seed = epochs, lr, tuple(milestones), batch_size, seed
+        self.weight_decay = weight_decay
         self.writer = tf.summary.create_file_writer(logdir) if logdir else None
         self.log = log
         self.rounds = []  # (global step, cached rows, head train top-1) of the rounds this process ran
@@ -68,7 +75,7 @@ class PseudoLabelTrainer(keras.callbacks.Callback):
             self._copy = keras.Model.from_config(config)
         self._copy.set_weights(self.model.pseudo_head.get_weights())
         accuracy = train_head(self._copy, features, labels, self.epochs, self.lr, self.milestones, self.batch_size,
-                              seed=self.seed * 1_000_003 + step)
+                              seed=self.seed * 1_000_003 + step, weight_decay=self.weight_decay)
         self.model.pseudo_head.set_weights(self._copy.get_weights())
         self.rounds.append((step, len(features), accuracy))
         if logs is not None:

@@ -87,8 +87,10 @@ def vote_counts(neighbour_labels, num_classes, weights=None):
 
 
 def majority_vote(neighbour_labels, num_classes):
-    """The most frequent label among each row's neighbours; ties go to the smallest label, like
-    torch.mode in the reference evaluation code."""
+    """The most frequent label among each row's neighbours; ties go to the smallest label. (The
+    paper's code, self_supervised/eval_knn.py `faiss_knn`, shuffles the vote counts before taking the
+    maximum, i.e. breaks ties at random; the deterministic rule makes runs repeatable and differs from
+    it only on tied votes.)"""
     return vote_counts(neighbour_labels, num_classes).argmax(axis=1)
 
 
@@ -113,7 +115,7 @@ def knn_report(index_features, index_labels, query_features, query_labels, ks=(1
             scores = vote_counts(nbr_labels[:, :k], num_classes)
         else:
             scores = weighted_vote_counts(nbr_labels[:, :k], sims[:, :k], num_classes, temperature)
-        accuracy = top_k_accuracy(scores, query_labels)  # ties to the smallest class, as torch.mode
+        accuracy = top_k_accuracy(scores, query_labels)  # ties to the smallest class (the paper's code: at random)
         out[f"knn_top1_k{k}"] = accuracy["top1"]
         if k >= 5 and "top5" in accuracy:  # top-5 of fewer neighbours or classes says nothing
             out[f"knn_top5_k{k}"] = accuracy["top5"]

@@ -152,7 +152,13 @@ class MeanShift(TrainingPlumbing, keras.Model):
         The default is MSF's: the unconstrained top-k."""
         return [(1.0, ops.top_k_indices(sims, self.topk))]
 
-    def write_state(self, targets, labels, true_labels, indices, is_labelled):
+    def step_embeddings(self, batch, targets):
+        """{name: [B, D] tensor} a method computes once per step beside the targets (CMSF-2Q's third
+        view). They are added to the batch the other hooks see and gathered from all replicas for
+        write_state, like the targets."""
+        return {}
+
+    def write_state(self, targets, labels, true_labels, indices, is_labelled, **step_embeddings):
         """Called with the batch gathered from all replicas right after the bank write (the same rows
         on every replica): where per-image state (pools) is updated."""
 
@@ -163,12 +169,13 @@ class MeanShift(TrainingPlumbing, keras.Model):
     # ----- the step -----
     def train_step(self, batch):
         targets = self.target_embedding(batch["weak"])
-        batch = dict(batch, query_label=self.bank_labels(batch, targets))
+        extra = self.step_embeddings(batch, targets)
+        batch = dict(batch, query_label=self.bank_labels(batch, targets), **extra)
         # is_labelled travels as int32: collectives do not all-gather booleans on every platform.
         rows = distribute.gather(targets, batch["query_label"], batch["true_label"], batch["index"],
-                                 tf.cast(batch["is_labelled"], tf.int32))
+                                 tf.cast(batch["is_labelled"], tf.int32), *extra.values())
         self.bank.write(*rows[:4])
-        self.write_state(*rows[:4], rows[4] > 0)
+        self.write_state(*rows[:4], rows[4] > 0, **dict(zip(extra, rows[5:])))
         bank = tf.stop_gradient(tf.convert_to_tensor(self.bank.embeddings))
         sims = ops.similarities(targets, bank)
         sets = self.neighbour_sets(batch, targets, sims)

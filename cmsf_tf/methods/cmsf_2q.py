@@ -10,7 +10,9 @@ Loss = 1/2 constrained + 1/2 unconstrained. An image without a previous view (it
 its current view as t', so epoch 1 is MSF-like.
 
 `third_view=True` is the paper's text variant: t' is the target of a third augmentation of the same
-image, computed every step (one more target forward pass per image) instead of read from the pool.
+image, computed every step (one more target forward pass per image) instead of read from the pool, and
+M' is a bank of those third views (row i of M' is the third view of the image whose weak view is row i
+of M), so t' is searched among third views, as the paper describes.
 """
 
 import tensorflow as tf
@@ -38,9 +40,12 @@ class CMSF2Q(MeanShift):
                                                       name="pool")
         self.built = True
 
-    def write_state(self, targets, labels, true_labels, indices, is_labelled):
+    def step_embeddings(self, batch, targets):
+        return {"third_target": self.target_embedding(batch["third"])} if self.third_view else {}
+
+    def write_state(self, targets, labels, true_labels, indices, is_labelled, third_target=None):
         if self.pool is None:
-            previous = targets  # the third view plays t' for the query; M' holds the same rows as M
+            previous = third_target  # M' is the bank of third views
         else:
             self.pool.write(indices, targets)
             previous = self.pool.previous(indices, fallback=targets)
@@ -48,7 +53,7 @@ class CMSF2Q(MeanShift):
 
     def previous_view(self, batch, targets):
         if self.pool is None:
-            return self.target_embedding(batch["third"])
+            return batch["third_target"]
         return self.pool.previous(batch["index"], fallback=targets)
 
     def neighbour_sets(self, batch, targets, sims):
