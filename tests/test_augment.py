@@ -121,3 +121,108 @@ def test_one_partial_decode_serves_both_views():
         assert region.keys() == whole.keys()
         for key in region:
             assert np.abs(unnormalize(region[key]) - unnormalize(whole[key])).max() < 0.03
+
+
+def torchvision_crop_params(height, width, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """NumPy transcription of torchvision's RandomResizedCrop.get_params: (top, left, h, w)."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_windows(shape, n, scale=(0.2, 1.0)):
+    """n windows (top, left, h, w) of crop_window for seeds (7, 0..n-1), computed in one tf.data pass."""
+    ds = tf.data.Dataset.range(n).map(
+        lambda i: tf.concat(augment.crop_window(tf.constant(shape), tf.stack([tf.constant(7, tf.int64), i]),
+                                                scale), 0))
+    out = next(iter(ds.batch(n))).numpy()
+    return out[:, 0], out[:, 1], out[:, 3], out[:, 4]
+
+
+def ks_statistic(a, b):
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return np.abs(cdf(a) - cdf(b)).max()
+
+
+def test_random_resized_crop_draws_torchvisions_distribution():
+    """4,000 stateless windows of a 375 x 500 photo against 100,000 draws of torchvision's algorithm.
+    Tolerances: mean area +-0.012 (about 5 standard errors), P(area < 0.4) +-0.03, Kolmogorov-Smirnov
+    distance of area and log aspect ratio < 0.035 (the 0.1% critical value for these sizes is 0.031).
+    The previous sampler (tf.image.sample_distorted_bounding_box) gave mean 0.46 and P 0.44 here."""
+    height, width, n = 375, 500, 4000
+    top, left, h, w = crop_windows((height, width, 3), n)
+    rng = np.random.default_rng(0)
+    ref = np.array([torchvision_crop_params(height, width, rng) for _ in range(100_000)])
+    area, ref_area = h * w / (height * width), ref[:, 2] * ref[:, 3] / (height * width)
+    assert abs(ref_area.mean() - 0.50) < 0.01  # the reference is what the issue quotes for torchvision
+    assert abs(area.mean() - ref_area.mean()) < 0.012
+    assert abs(np.mean(area < 0.4) - np.mean(ref_area < 0.4)) < 0.03
+    assert ks_statistic(area, ref_area) < 0.035
+    assert ks_statistic(np.log(w / h), np.log(ref[:, 3] / ref[:, 2])) < 0.035
+    # Every window lies inside the image, and offsets cover the whole free range uniformly.
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    free = (left / np.maximum(width - w, 1))[w < width]
+    assert abs(free.mean() - 0.5) < 0.03 and free.min() < 0.05 and free.max() > 0.95
+
+
+def test_random_resized_crop_falls_back_to_the_clamped_centre_crop():
+    # Scale 0.9-1 of a 20 x 400 strip never fits with a ratio in [3/4, 4/3]: torchvision's fallback is
+    # the central 20 x round(20 * 4/3) window; a 400 x 20 strip gets the central round(20 / (3/4)) x 20.
+    for shape, want in (((20, 400, 3), (0, (400 - 27) // 2, 20, 27)), ((400, 20, 3), ((400 - 27) // 2, 0, 27, 20))):
+        top, left, h, w = crop_windows(shape, 50, scale=(0.9, 1.0))
+        rng = np.random.default_rng(1)
+        assert torchvision_crop_params(shape[0], shape[1], rng, scale=(0.9, 1.0)) == want
+        for got in zip(top, left, h, w):
+            assert tuple(int(v) for v in got) == want
+
+
+def np_jitter(image, order, b, c, s, h):
+    """NumPy reference of torchvision's ColorJitter operations (hue through tf.image.adjust_hue)."""
+    weights = np.array([0.299, 0.587, 0.114])
+    for op in order:
+        if op == 0:
+            image = np.clip(image * b, 0, 1)
+        elif op == 1:
+            mean = (image @ weights).mean()
+            image = np.clip(mean + c * (image - mean), 0, 1)
+        elif op == 2:
+            g = (image @ weights)[..., None]
+            image = np.clip(g + s * (image - g), 0, 1)
+        else:
+            image = np.clip(tf.image.adjust_hue(image.astype(np.float32), h).numpy(), 0, 1)
+    return image
+
+
+def test_colour_jitter_applies_its_operations_in_a_random_order_per_image():
+    image = RNG.random((12, 12, 3)).astype(np.float32)
+    orders = []
+    for i in range(200):
+        seeds = tf.random.experimental.stateless_split(seed(i), 5)
+        order = augment.jitter_order(seeds[4]).numpy()
+        assert sorted(order) == [0, 1, 2, 3]
+        orders.append(tuple(order))
+        if i < 12:
+            got = augment.color_jitter(image, seeds[:4], order_seed=seeds[4]).numpy()
+            factors = [float(f) for f in augment.jitter_factors(seeds[:4])]
+            np.testing.assert_allclose(got, np_jitter(image.astype(np.float64), order, *factors), atol=2e-5)
+    # A uniform permutation: every operation comes first about a quarter of the time; many orders occur.
+    firsts = np.bincount([o[0] for o in orders], minlength=4) / len(orders)
+    assert np.all(np.abs(firsts - 0.25) < 0.1) and len(set(orders)) >= 18
+    # The order matters (so the test can tell a fixed order from a random one).
+    seeds = tf.random.experimental.stateless_split(seed(0), 5)
+    factors = [float(f) for f in augment.jitter_factors(seeds[:4])]
+    assert not np.allclose(np_jitter(image, (0, 1, 2, 3), *factors), np_jitter(image, (3, 2, 1, 0), *factors), atol=1e-3)

@@ -7,6 +7,8 @@ a random crop is decoded directly (`tf.image.decode_and_crop_jpeg`: a 224 crop o
 not decode the whole photo). Output: float32 [S, S, 3], ImageNet-normalised.
 """
 
+import math
+
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,13 +50,35 @@ def crop(image, begin, size):
                    lambda: tf.slice(decode(image), tf.concat([begin[:2], [0]], 0), tf.concat([size[:2], [3]], 0)))
 
 
-def crop_window(shape, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """(begin [3], size [3]) of a random resized crop of an image of `shape`: area fraction `scale`,
-    aspect `ratio`, as torchvision's RandomResizedCrop."""
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
-        aspect_ratio_range=ratio, area_range=scale, max_attempts=10, use_image_if_no_bounding_boxes=True)
-    return begin, size
+def crop_window(shape, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """(begin [3], size [3]) of a random resized crop of an image of `shape`, drawn as torchvision's
+    RandomResizedCrop.get_params does: up to 10 attempts of (area uniform in scale x image area, aspect
+    ratio log-uniform in `ratio`, side lengths rounded); the first that fits is placed uniformly;
+    if none fits, the central crop of the whole image clamped to `ratio`. Stateless (a function of
+    `seed`). (tf.image.sample_distorted_bounding_box draws the ratio and the height uniformly instead:
+    on a 500 x 375 image its mean crop area is 0.46 of the image, torchvision's 0.50.)"""
+    shape = tf.cast(shape, tf.int32)
+    height, width = shape[0], shape[1]
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+    target_area = h * w * tf.random.stateless_uniform([attempts], s[0], scale[0], scale[1])
+    log_ratio = tf.random.stateless_uniform([attempts], s[1], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)
+    crop_w = tf.round(tf.sqrt(target_area * aspect))  # round half to even, as Python's round
+    crop_h = tf.round(tf.sqrt(target_area / aspect))
+    fits = (crop_w > 0) & (crop_w <= w) & (crop_h > 0) & (crop_h <= h)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # the first attempt that fits
+    in_ratio = w / h
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+    found = tf.reduce_any(fits)
+    size_h = tf.cast(tf.where(found, crop_h[first], fallback_h), tf.int32)
+    size_w = tf.cast(tf.where(found, crop_w[first], fallback_w), tf.int32)
+    top = tf.where(found, tf.random.stateless_uniform([], s[2], 0, height - size_h + 1, dtype=tf.int32),
+                   (height - size_h) // 2)
+    left = tf.where(found, tf.random.stateless_uniform([], s[3], 0, width - size_w + 1, dtype=tf.int32),
+                    (width - size_w) // 2)
+    return tf.stack([top, left, 0]), tf.stack([size_h, size_w, -1])
 
 
 def resize(image, size):
@@ -104,21 +128,52 @@ def grey(image):
     return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
 
 
-def color_jitter(image, seeds, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
-    """torchvision's ColorJitter operations, in its default order: brightness scales; contrast blends
-    with the mean grey level; saturation blends with the grey image; hue rotates in HSV. (TF's
-    adjust_contrast uses per-channel means and adjust_saturation scales S in HSV: other operations,
-    and the HSV round trip made jitter the slowest part of the pipeline.)"""
+def jitter_factors(seeds, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+    """(brightness, contrast, saturation factors, hue shift) drawn as torchvision's ColorJitter."""
     def factor(seed, amount):
         return tf.random.stateless_uniform([], seed, 1 - amount, 1 + amount)
 
-    image = tf.clip_by_value(image * factor(seeds[0], brightness), 0.0, 1.0)
-    mean = tf.reduce_mean(grey(image))
-    image = tf.clip_by_value(mean + factor(seeds[1], contrast) * (image - mean), 0.0, 1.0)
-    g = grey(image)
-    image = tf.clip_by_value(g + factor(seeds[2], saturation) * (image - g), 0.0, 1.0)
-    image = tf.image.stateless_random_hue(image, hue, seeds[3])
-    return tf.clip_by_value(image, 0.0, 1.0)
+    return (factor(seeds[0], brightness), factor(seeds[1], contrast), factor(seeds[2], saturation),
+            tf.random.stateless_uniform([], seeds[3], -hue, hue))
+
+
+def jitter_order(seed):
+    """int32 [4]: the order in which brightness (0), contrast (1), saturation (2), hue (3) are applied,
+    a uniformly random permutation per image (torchvision's ColorJitter draws torch.randperm(4))."""
+    return tf.argsort(tf.random.stateless_uniform([4], seed))
+
+
+def color_jitter(image, seeds, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, order_seed=None):
+    """torchvision's ColorJitter operations in a random order per image (`order_seed`; None: the fixed
+    order brightness, contrast, saturation, hue): brightness scales; contrast blends with the mean grey
+    level; saturation blends with the grey image; hue rotates in HSV. (TF's adjust_contrast uses
+    per-channel means and adjust_saturation scales S in HSV: other operations, and the HSV round trip
+    made jitter the slowest part of the pipeline.)"""
+    b, c, s, h = jitter_factors(seeds, brightness, contrast, saturation, hue)
+
+    def adjust_brightness(x):
+        return tf.clip_by_value(x * b, 0.0, 1.0)
+
+    def adjust_contrast(x):
+        mean = tf.reduce_mean(grey(x))
+        return tf.clip_by_value(mean + c * (x - mean), 0.0, 1.0)
+
+    def adjust_saturation(x):
+        g = grey(x)
+        return tf.clip_by_value(g + s * (x - g), 0.0, 1.0)
+
+    def adjust_hue(x):
+        return tf.clip_by_value(tf.image.adjust_hue(x, h), 0.0, 1.0)
+
+    operations = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    if order_seed is None:
+        for op in operations:
+            image = op(image)
+        return image
+    order = jitter_order(order_seed)
+    for position in range(4):
+        image = tf.switch_case(order[position], [lambda op=op, x=image: op(x) for op in operations])
+    return image
 
 
 def gaussian_blur(image, sigma, radius):
@@ -148,11 +203,12 @@ def weak_view(image, size, seed, crop_scale=(0.2, 1.0)):
 
 def strong_view(image, size, seed, crop_scale=(0.2, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
                 blur_sigma=(0.1, 2.0)):
-    """Weak view + colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, greyscale p=0.2, blur sigma 0.1-2 p=0.5."""
+    """Weak view + colour jitter (0.4, 0.4, 0.4, 0.1, in a random order per image) p=0.8, greyscale
+    p=0.2, blur sigma 0.1-2 p=0.5."""
     s = tf.random.experimental.stateless_split(seed, 11)
     image = random_resized_crop(image, size, s[0], scale=crop_scale)
     image = tf.image.stateless_random_flip_left_right(image, s[1])
-    image = tf.cond(_coin(s[2], jitter_p), lambda: color_jitter(image, s[3:7]), lambda: image)
+    image = tf.cond(_coin(s[2], jitter_p), lambda: color_jitter(image, s[3:7], order_seed=s[10]), lambda: image)
     image = tf.cond(_coin(s[7], gray_p),
                     lambda: tf.tile(grey(image), [1, 1, 3]), lambda: image)
     sigma = tf.random.stateless_uniform([], s[8], blur_sigma[0], blur_sigma[1])
