@@ -24,8 +24,8 @@ _PRECISIONS = ("float32", "bfloat16", "float16")
 flags.DEFINE_string("method", "msf", f"Training method: {', '.join(_METHODS)}.")
 flags.DEFINE_string("dataset", "fashion_mnist", f"Data set: {', '.join(sources.DATASETS)}.")
 flags.DEFINE_string("data_dir", "", "Directory of the data set (default: the data set's usual place).")
-flags.DEFINE_string("class_list", "", "--dataset=folder: only these class folders (imagenet100, or a file of "
-                    "folder names, one per line).")
+flags.DEFINE_string("class_list", "", "--dataset=folder: only these class folders (imagenet100: the CMSF code's "
+                    "subset; imagenet100_cmc: CMC's; or a file of folder names, one per line).")
 flags.DEFINE_float("max_corrupt_fraction", 0.001, "--dataset=folder: corrupt images are skipped and reported; "
                    "more than this fraction of a split is an error.")
 flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer of record sources (tfrecord, streamed TFDS).")

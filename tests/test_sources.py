@@ -3,6 +3,8 @@
 import gzip
 import json
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -100,7 +102,7 @@ def test_folder_errors_are_sentences(tmp_path):
     with pytest.raises(sources.DataError, match=r"class folder .*train/empty holds no images"):
         sources.load("folder", str(tmp_path))
     with pytest.raises(sources.DataError, match=r"100 classes of --class_list imagenet100 have no folder .*"
-                                                r"\(first: n01558993"):
+                                                r"\(first: n01608432"):
         sources.load("folder", str(tmp_path), class_list="imagenet100")
     listed = tmp_path / "classes.txt"
     listed.write_text("dog\ncat\n")
@@ -108,10 +110,25 @@ def test_folder_errors_are_sentences(tmp_path):
     assert src.class_names == ("cat", "dog") and src.num_train == 4
 
 
-def test_imagenet100_class_list_is_the_cmc_list():
-    names = sources.read_class_list("imagenet100")
+def test_imagenet100_is_the_cmsf_codes_subset_recomputed_from_the_sorted_imagenet_ids():
+    """util.subset_classes of the paper's code: np.random.seed(1234), the first 100 of
+    np.random.permutation(1000) over the class ids in sorted order (TFDS ships the 1,000 ids)."""
+    import tensorflow_datasets as tfds
+
+    path = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012", "labels.txt")
+    with open(path) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    assert len(ids) == 1000 and ids == sorted(ids)
+    np.random.seed(1234)
+    want = sorted(ids[i] for i in np.random.permutation(len(ids))[:100])
+    assert sorted(sources.read_class_list("imagenet100")) == want
+
+
+def test_imagenet100_cmc_is_cmcs_list():
+    names = sources.read_class_list("imagenet100_cmc")
     assert len(names) == len(set(names)) == 100 and all(n.startswith("n") and len(n) == 9 for n in names)
     assert names[0] == "n02869837" and names[-1] == "n02090622"
+    assert len(set(names) & set(sources.read_class_list("imagenet100"))) == 10
 
 
 def test_tfrecord_errors_are_sentences(tmp_path):

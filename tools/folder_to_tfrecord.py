@@ -28,7 +28,7 @@ flags.DEFINE_string("data_dir", None, "Folder with train/<class>/ and val/<class
 flags.DEFINE_string("output_dir", None, "Where the shards and index.json go.")
 flags.DEFINE_integer("train_shards", 1024, "Training shards (ImageNet: 1024, about 140 MB each).")
 flags.DEFINE_integer("val_shards", 128, "Validation shards.")
-flags.DEFINE_string("class_list", "", "Only these classes (imagenet100, or a file of folder names).")
+flags.DEFINE_string("class_list", "", "Only these classes (imagenet100, imagenet100_cmc, or a file of folder names).")
 flags.DEFINE_integer("workers", 16, "Threads reading and checking images.")
 flags.DEFINE_integer("seed", 0, "Seed of the order of the examples in the shards.")
 flags.mark_flags_as_required(["data_dir", "output_dir"])

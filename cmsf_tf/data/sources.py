@@ -21,8 +21,11 @@ import numpy as np
 DEFAULT_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
 DATASETS = ("fashion_mnist", "folder", "tfrecord", "tfds:NAME[/CONFIG]")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-# The ImageNet-100 classes of CMC (Tian et al.), used by the paper's code: --class_list=imagenet100.
-CLASS_LISTS = {"imagenet100": os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")}
+# ImageNet-100: imagenet100 is the CMSF code's subset (util.subset_classes: seed 1234, first 100 of a
+# permutation of the sorted class ids); imagenet100_cmc is CMC's list (Tian et al.), shared by 10 classes.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+CLASS_LISTS = {"imagenet100": os.path.join(_HERE, "imagenet100.txt"),
+               "imagenet100_cmc": os.path.join(_HERE, "imagenet100_cmc.txt")}
 # Our TFRecord schema (written by tools/folder_to_tfrecord.py); see README "Data".
 TFRECORD_INFO = "index.json"
 # Beyond this many bytes of decoded training images a TFDS data set is not held in memory.
