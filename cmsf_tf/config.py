@@ -9,7 +9,7 @@ import os
 
 from absl import flags
 
-from cmsf_tf.data import sources
+from cmsf_tf.data import sources, splits
 
 
 class UsageError(Exception):
@@ -67,12 +67,14 @@ flags.DEFINE_integer("pseudo_batch_size", 256, "cmsf_pseudo: batch size of head 
 flags.DEFINE_float("label_smoothing", 0.0, "xent: label smoothing of the cross-entropy targets.")
 flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
 flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
-flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed) or a "
-                    "file of image names (the official ImageNet 1%/10% lists; tools/make_label_split.py); the "
-                    "other training images get label -1. Empty: every image is labelled.")
+flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed), "
+                    "imagenet_1percent / imagenet_10percent (the paper's ImageNet lists, shipped), or a file of "
+                    "image names (tools/make_label_split.py); the other training images get label -1. Empty: every "
+                    "image is labelled.")
 flags.DEFINE_float("label_noise", 0.0, "Percent of training labels replaced by another class (seeded by --seed).")
 flags.DEFINE_string("label_noise_file", "", "A corruption list instead: lines '<image name> <label>' that replace "
-                    "those images' training labels (names as in --label_split files).")
+                    "those images' training labels; the paper's lists ('<class dir>/<file name> <class index>' for "
+                    "every training image) are read as they are.")
 flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
 flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
 flags.DEFINE_string("strategy", "default", f"tf.distribute strategy: {', '.join(_STRATEGIES)}.")
@@ -184,15 +186,15 @@ def label_split_percent(value):
     """P of a --label_split of the form percent:P (0 < P <= 100); None for a names file; UsageError
     for anything else."""
     kind, _, number = value.partition(":")
-    if kind != "percent" and os.path.isfile(value):
+    if kind != "percent" and os.path.isfile(splits.split_path(value)):
         return None
     try:
         percent = float(number) if kind == "percent" else None
     except ValueError:
         percent = None
     if percent is None or not 0 < percent <= 100:
-        raise UsageError(f"--label_split {value!r} is neither percent:P with 0 < P <= 100 nor an existing "
-                         "file of image names")
+        raise UsageError(f"--label_split {value!r} is neither percent:P with 0 < P <= 100, "
+                         f"{' nor '.join(splits.NAMED_SPLITS)}, nor an existing file of image names")
     return percent
 
 

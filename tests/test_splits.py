@@ -71,3 +71,46 @@ def test_corruption_list_replaces_exactly_the_listed_labels(tmp_path):
     path.write_text("img_1\n")
     with pytest.raises(ValueError, match="line 1 of .* is not '<image name> <label>'"):
         splits.read_corruptions(str(path))
+
+
+def test_the_papers_corruption_list_format_is_read_as_it_is(tmp_path):
+    """supervised/subsets/corrupt_*percent.txt of the paper's code: every training image,
+    '<class dir>/<file name> <class index>'; names of a folder source are full paths."""
+    classes = ["n01440764", "n01443537", "n01484850"]
+    names = [f"/data/imagenet/train/{c}/{c}_{i}.JPEG" for c in classes for i in range(4)]
+    labels = np.repeat(np.arange(3), 4)
+    corrupted = {1: 2, 6: 0, 11: 1}  # position -> the wrong label the list gives
+    lines = [f"{c}/{c}_{i}.JPEG {corrupted.get(3 * 0 + k, labels[k])}"
+             for k, (c, i) in enumerate((c, i) for c in classes for i in range(4))]
+    path = tmp_path / "corrupt_25percent.txt"
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a byte-order mark
+    got = splits.corrupted_labels(labels, names, splits.read_corruptions(str(path)), 3)
+    want = labels.copy()
+    for k, y in corrupted.items():
+        want[k] = y
+    np.testing.assert_array_equal(got, want)
+    assert (got != labels).sum() == 3
+
+
+def test_the_papers_imagenet_label_splits_are_shipped_and_named():
+    from cmsf_tf import config
+
+    for name, count in (("imagenet_1percent", 12_811), ("imagenet_10percent", 128_116)):
+        names = splits.read_names(name)
+        assert len(names) == len(set(names)) == count
+        assert all(n.startswith("n") and n.endswith(".JPEG") for n in names[:100])
+        assert config.label_split_percent(name) is None  # a names file, not percent:P
+    one, ten = set(splits.read_names("imagenet_1percent")), set(splits.read_names("imagenet_10percent"))
+    assert len(one & ten) > 0
+    for cfg_file, name in (("flags/semi10.cfg", "imagenet_10percent"), ("flags/semi1.cfg", "imagenet_1percent")):
+        with open(cfg_file) as f:
+            assert f"--label_split={name}\n" in f.read()
+
+
+def test_a_split_file_with_a_byte_order_mark_reads_its_first_name(tmp_path):
+    path = tmp_path / "split.txt"
+    path.write_text("\ufeffn01440764_10026.JPEG\nn01440764_1.JPEG\n", encoding="utf-8")
+    assert splits.read_names(str(path)) == ["n01440764_10026.JPEG", "n01440764_1.JPEG"]
+    keep = splits.names_split(["/t/n01440764/n01440764_10026.JPEG", "/t/n01440764/n01440764_2.JPEG",
+                               "/t/n01440764/n01440764_1.JPEG"], splits.read_names(str(path)))
+    assert keep.tolist() == [True, False, True]

@@ -5,11 +5,22 @@ every worker and in every resumed run. The true labels are never changed: caller
 monitoring (purity, pseudo-label accuracy) only.
 """
 
+import os
+
 import numpy as np
 
 from cmsf_tf.data.sources import image_name
 
 UNLABELLED = -1
+# The paper's ImageNet label splits, shipped with the package (official/README.md): --label_split=NAME.
+_OFFICIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official")
+NAMED_SPLITS = {"imagenet_1percent": os.path.join(_OFFICIAL, "imagenet_1percent.txt"),
+                "imagenet_10percent": os.path.join(_OFFICIAL, "imagenet_10percent.txt")}
+
+
+def split_path(label_split):
+    """The file of a --label_split: a shipped list's path for its name, else the value itself."""
+    return NAMED_SPLITS.get(label_split, label_split)
 
 
 def _quotas(counts, total):
@@ -50,8 +61,9 @@ def random_split(num_examples, percent, seed):
 
 def read_names(path):
     """Image names of a label-split file: one per line (the official 1% / 10% ImageNet lists), or the
-    first field of a whitespace-separated line; '#' lines are comments."""
-    with open(path) as f:
+    first field of a whitespace-separated line; '#' lines are comments. A UTF-8 byte-order mark is
+    ignored (files saved by Windows editors)."""
+    with open(split_path(path), encoding="utf-8-sig") as f:
         return [line.split()[0] for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -97,9 +109,12 @@ def noisy_labels(labels, percent, num_classes, seed):
 
 
 def read_corruptions(path):
-    """{image name: label} of a corruption list: lines '<image name> <label>', '#' lines comments."""
+    """{image name: label} of a corruption list: lines '<image name> <label>', '#' lines comments. The
+    paper's lists (supervised/subsets/corrupt_*percent.txt, read by its data_loader.py) have this form
+    with the path under the training root as the name, '<class dir>/<file name> <class index>', and list
+    every training image; a label that differs from the folder's is a corrupted one."""
     out = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
