@@ -264,7 +264,7 @@ def validate(cfg):
 
 
 # ----- python -m cmsf_tf.evaluate / python -m cmsf_tf.export -----
-PROTOCOLS = ("knn", "linear", "finetune", "transfer")
+PROTOCOLS = ("knn", "linear", "semi", "finetune", "transfer")
 # The paper's transfer data sets that TFDS has (FGVC Aircraft is not in TFDS: add it as folder:PATH).
 TRANSFER_DATASETS = ("cifar10", "cifar100", "food101", "sun397", "cars196", "dtd", "oxford_iiit_pet",
                      "caltech101", "oxford_flowers102")
@@ -283,15 +283,27 @@ flags.DEFINE_bool("cache_features", True, "knn/linear: keep extracted features i
                   "reuse them (a re-run with another k or vote is instant).")
 flags.DEFINE_string("index_split", "all", "knn: the index is all training images, or only the labelled ones of "
                     "--label_split (semi-supervised 1-NN).")
-flags.DEFINE_integer("linear_epochs", 40, "linear: epochs.")
-flags.DEFINE_float("linear_lr", 0.01, "linear: SGD learning rate (momentum 0.9).")
-flags.DEFINE_list("linear_milestones", ["15", "30"], "linear: epochs after which the lr is divided by 10.")
-flags.DEFINE_integer("linear_batch_size", 256, "linear: batch size.")
-flags.DEFINE_float("linear_weight_decay", 0.0, "linear: L2 penalty on the weights.")
-flags.DEFINE_bool("linear_augment", False, "linear: train on features of augmented views (random resized crop + "
-                  "flip, one backbone pass per image per epoch) instead of cached centre-crop features.")
-flags.DEFINE_integer("finetune_epochs", 20, "finetune: epochs (paper: 20).")
-flags.DEFINE_float("finetune_lr", 0.001, "finetune: backbone learning rate (paper: 0.001), cosine decay.")
+flags.DEFINE_integer("linear_epochs", 40, "linear: epochs (paper: 40).")
+flags.DEFINE_float("linear_lr", 0.01, "linear: SGD learning rate, momentum 0.9 (paper: 0.01).")
+flags.DEFINE_list("linear_milestones", ["15", "30"], "linear: epochs after which the lr is divided by 10 (paper: "
+                  "15,30).")
+flags.DEFINE_integer("linear_batch_size", 256, "linear: batch size (paper: 256).")
+flags.DEFINE_float("linear_weight_decay", 1e-4, "linear: SGD weight decay on weight and bias (paper: 1e-4).")
+flags.DEFINE_bool("linear_augment", True, "linear: train on features of a fresh random resized crop + flip of every "
+                  "image every epoch (the paper's probe: one backbone pass per image per epoch); "
+                  "--nolinear_augment: on cached centre-crop features (fast, not the paper's).")
+flags.DEFINE_float("linear_crop_min_scale", 0.08, "linear: smallest area fraction of the training crops (paper: "
+                   "0.08, torchvision's default).")
+flags.DEFINE_integer("semi_epochs", 20, "semi: epochs of head training on the labelled subset (paper: 20).")
+flags.DEFINE_float("semi_lr", 0.001, "semi: SGD learning rate, momentum 0.9 (paper: 0.001).")
+flags.DEFINE_list("semi_milestones", ["15", "35", "50"], "semi: epochs after which the lr is divided by 10 (paper: "
+                  "15,35,50, of which 20 epochs reach 15).")
+flags.DEFINE_integer("semi_batch_size", 256, "semi: batch size (paper: 256).")
+flags.DEFINE_float("semi_weight_decay", 1e-4, "semi: SGD weight decay on every head parameter (paper: 1e-4).")
+flags.DEFINE_float("semi_crop_min_scale", 0.08, "semi: smallest area fraction of the training crops (paper: 0.08).")
+flags.DEFINE_integer("finetune_epochs", 20, "finetune: epochs of full fine-tuning (backbone and head; not the "
+                     "paper's semi-supervised protocol, which is `semi`).")
+flags.DEFINE_float("finetune_lr", 0.001, "finetune: backbone learning rate, cosine decay.")
 flags.DEFINE_float("finetune_head_lr", 0.01, "finetune: learning rate of the new linear head.")
 flags.DEFINE_integer("finetune_batch_size", 256, "finetune: batch size.")
 flags.DEFINE_float("finetune_weight_decay", 0.0, "finetune: L2 penalty on every weight.")
@@ -301,7 +313,8 @@ flags.DEFINE_list("transfer_datasets", list(TRANSFER_DATASETS), "transfer: TFDS 
 flags.DEFINE_string("transfer_data_dir", "", "transfer: TFDS data dir of the transfer data sets.")
 flags.DEFINE_list("transfer_l2", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], "transfer: L2 strengths tried.")
 flags.DEFINE_float("transfer_val_fraction", 0.2, "transfer: part of each training set held out to choose the L2.")
-flags.DEFINE_integer("transfer_steps", 300, "transfer: full-batch optimisation steps per fit.")
+flags.DEFINE_integer("transfer_max_iter", 1000, "transfer: L-BFGS iterations at most per fit (it stops earlier "
+                     "once the largest gradient entry is below 1e-6).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +343,13 @@ class EvalConfig:
     linear_batch_size: int
     linear_weight_decay: float
     linear_augment: bool
+    linear_crop_min_scale: float
+    semi_epochs: int
+    semi_lr: float
+    semi_milestones: tuple
+    semi_batch_size: int
+    semi_weight_decay: float
+    semi_crop_min_scale: float
     finetune_epochs: int
     finetune_lr: float
     finetune_head_lr: float
@@ -340,7 +360,7 @@ class EvalConfig:
     transfer_data_dir: str
     transfer_l2: tuple
     transfer_val_fraction: float
-    transfer_steps: int
+    transfer_max_iter: int
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -376,25 +396,33 @@ def eval_from_flags(protocol):
         linear_epochs=FLAGS.linear_epochs, linear_lr=FLAGS.linear_lr,
         linear_milestones=_ints("linear_milestones", FLAGS.linear_milestones, 0) if FLAGS.linear_milestones else (),
         linear_batch_size=FLAGS.linear_batch_size, linear_weight_decay=FLAGS.linear_weight_decay,
-        linear_augment=FLAGS.linear_augment, finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
+        linear_augment=FLAGS.linear_augment, linear_crop_min_scale=FLAGS.linear_crop_min_scale,
+        semi_epochs=FLAGS.semi_epochs, semi_lr=FLAGS.semi_lr,
+        semi_milestones=_ints("semi_milestones", FLAGS.semi_milestones, 0) if FLAGS.semi_milestones else (),
+        semi_batch_size=FLAGS.semi_batch_size, semi_weight_decay=FLAGS.semi_weight_decay,
+        semi_crop_min_scale=FLAGS.semi_crop_min_scale, finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
         finetune_head_lr=FLAGS.finetune_head_lr, finetune_batch_size=FLAGS.finetune_batch_size,
         finetune_weight_decay=FLAGS.finetune_weight_decay, finetune_crop_min_scale=FLAGS.finetune_crop_min_scale,
         transfer_datasets=tuple(FLAGS.transfer_datasets),
         transfer_data_dir=FLAGS.transfer_data_dir, transfer_l2=l2, transfer_val_fraction=FLAGS.transfer_val_fraction,
-        transfer_steps=FLAGS.transfer_steps)
+        transfer_max_iter=FLAGS.transfer_max_iter)
     _choice(cfg.encoder, "encoder", ("online", "target"))
     _choice(cfg.knn_vote, "knn_vote", ("majority", "weighted"))
     _choice(cfg.knn_search, "knn_search", ("exact", "approx"))
     _choice(cfg.index_split, "index_split", ("all", "labelled"))
-    for name in ("linear_epochs", "linear_batch_size", "finetune_epochs", "finetune_batch_size", "eval_batch_size",
-                 "transfer_steps"):
+    for name in ("linear_epochs", "linear_batch_size", "semi_epochs", "semi_batch_size", "finetune_epochs",
+                 "finetune_batch_size", "eval_batch_size", "transfer_max_iter"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("linear_lr", "finetune_lr", "finetune_head_lr", "knn_temperature"):
+    for name in ("linear_lr", "semi_lr", "finetune_lr", "finetune_head_lr", "knn_temperature"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"--{name} must be positive (got {getattr(cfg, name)})")
-    if not 0 < cfg.finetune_crop_min_scale <= 1:
-        raise UsageError(f"--finetune_crop_min_scale must be in (0, 1] (got {cfg.finetune_crop_min_scale})")
+    for name in ("linear_weight_decay", "semi_weight_decay", "finetune_weight_decay"):
+        if not getattr(cfg, name) >= 0:
+            raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
+    for name in ("linear_crop_min_scale", "semi_crop_min_scale", "finetune_crop_min_scale"):
+        if not 0 < getattr(cfg, name) <= 1:
+            raise UsageError(f"--{name} must be in (0, 1] (got {getattr(cfg, name)})")
     if not 0 < cfg.transfer_val_fraction < 1:
         raise UsageError(f"--transfer_val_fraction must be in (0, 1) (got {cfg.transfer_val_fraction})")
     if cfg.dataset is not None and not sources.is_known(cfg.dataset):
@@ -403,8 +431,8 @@ def eval_from_flags(protocol):
         label_split_percent(cfg.label_split)
     if cfg.saved_model and cfg.checkpoint:
         raise UsageError("give --saved_model or --checkpoint, not both")
-    if cfg.saved_model and cfg.protocol == "finetune":
-        raise UsageError("finetune needs a training checkpoint (--model_dir of a run), not a SavedModel")
+    if cfg.saved_model and cfg.protocol in ("finetune", "semi"):
+        raise UsageError(f"{cfg.protocol} needs a training checkpoint (--model_dir of a run), not a SavedModel")
     return cfg
 
 

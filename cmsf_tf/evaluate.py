@@ -6,9 +6,12 @@ The network is the online backbone of the run's newest checkpoint (--checkpoint,
 settings, the network's origin and step, wall time) and TensorBoard scalars under tensorboard/eval.
 
   knn       1-NN / 20-NN top-1 (top-5 for k >= 5) of L2-normalised backbone features, ScaNN retrieval
-  linear    the paper's linear probe (standardised features, SGD 40 epochs, lr 0.01, drops at 15/30)
-  finetune  whole network + linear head on the labelled subset (--label_split), 20 epochs, lr 0.001
-  transfer  L2-regularised logistic regression on frozen features of other data sets, one table + mean
+  linear    the paper's linear probe (random resized crops, standardised features, SGD 40 epochs, lr 0.01,
+            wd 1e-4, drops at 15/30; best and last epoch)
+  semi      the paper's semi-supervised protocol: frozen backbone + MLP head on the labelled subset
+            (--label_split), 20 epochs, lr 0.001, wd 1e-4; best and last epoch
+  finetune  full fine-tuning: whole network + linear head on the labelled subset (not the paper's protocol)
+  transfer  L2-regularised logistic regression (L-BFGS) on frozen features of other data sets, table + mean
 """
 
 import hashlib
@@ -133,7 +136,7 @@ def run_knn(cfg, enc, features, log):
 
 def run_linear(cfg, enc, features, log):
     from cmsf_tf.data import pipeline
-    from cmsf_tf.eval import linear
+    from cmsf_tf.eval import linear, semi
 
     dataset, data_dir, class_list, _, seed = data_settings(cfg, enc.info)
     source = load_source(dataset, data_dir, class_list)
@@ -149,20 +152,60 @@ def run_linear(cfg, enc, features, log):
 
         def batches(epoch):
             for images, labels in pipeline.labelled_dataset(source, None, enc.image_size, cfg.linear_batch_size,
-                                                            seed, 1000 + epoch):
+                                                            seed, 1000 + epoch, cfg.linear_crop_min_scale):
                 yield embed(images), labels
     else:
         batches = linear.cached_batches(linear.standardize(train_x, stats), train_y, cfg.linear_batch_size, seed)
-    log(f"linear probe: {cfg.linear_epochs} epochs of {steps} steps ({'augmented views' if cfg.linear_augment else 'cached features'})")
+    test_z = linear.standardize(test_x, stats)
+    per_epoch = []
+    log(f"linear probe: {cfg.linear_epochs} epochs of {steps} steps "
+        f"({'random resized crops' if cfg.linear_augment else 'cached centre-crop features'})")
     head = linear.train_probe(batches, train_x.shape[1], source.num_classes, steps, cfg.linear_epochs, cfg.linear_lr,
-                              0.9, cfg.linear_milestones, cfg.linear_weight_decay, seed, log)
-    result = linear.top_k_accuracy(head.predict(linear.standardize(test_x, stats)), test_y)
+                              0.9, cfg.linear_milestones, cfg.linear_weight_decay, seed, log,
+                              on_epoch_end=lambda epoch, h: per_epoch.append(linear.top_k_accuracy(h.predict(test_z), test_y)))
     train_acc = linear.top_k_accuracy(head.predict(linear.standardize(train_x, stats)), train_y, (1,))["top1"]
-    return {**result, "train_top1": train_acc, "dataset": dataset,
+    return {**semi.summarize(per_epoch), "train_top1": train_acc, "dataset": dataset,
+            "selection": "top1/top5: the best epoch on the test split, as the paper's eval_linear.py reports; "
+                         "top1_last: the last epoch",
             "settings": {"epochs": cfg.linear_epochs, "lr": cfg.linear_lr, "momentum": 0.9,
                          "milestones": list(cfg.linear_milestones), "batch_size": cfg.linear_batch_size,
                          "weight_decay": cfg.linear_weight_decay, "augment": cfg.linear_augment,
-                         "features": "L2-normalised, standardised by the training set"}}
+                         "views": (f"random resized crop ({cfg.linear_crop_min_scale:g}-1) + flip" if cfg.linear_augment
+                                   else "cached centre crops"),
+                         "features": "L2-normalised, standardised by the training set (sqrt(var + 1e-5))"}}
+
+
+def run_semi(cfg, enc, features, log):
+    from cmsf_tf.data import pipeline
+    from cmsf_tf.eval import linear, semi
+
+    dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
+    source = load_source(dataset, data_dir, class_list)
+    plan = label_plan(source, dataset, label_split, seed)
+    fn = plan.make_fn()
+    keep = (lambda index, label, name: fn(index, label, name) >= 0) if label_split else None
+    subset = f"labelled:{label_split}" if label_split else "all"
+    labelled_x, _ = features(source, dataset, "train", keep, subset)
+    count = len(labelled_x)
+    steps = -(-count // cfg.semi_batch_size)
+    log(f"semi-supervised evaluation on {count} labelled images ({label_split or 'all labels'}): "
+        f"{cfg.semi_epochs} epochs of {steps} steps, frozen backbone, MLP head")
+    result = semi.train_and_evaluate(
+        enc.backbone, enc.feature_dim, source.num_classes, linear.standardizer(labelled_x),
+        lambda epoch: pipeline.labelled_dataset(source, plan, enc.image_size, cfg.semi_batch_size, seed, epoch,
+                                                cfg.semi_crop_min_scale),
+        lambda: pipeline.eval_split(source, "test", enc.image_size, cfg.eval_batch_size),
+        steps, cfg.semi_epochs, cfg.semi_lr, cfg.semi_milestones, 0.9, cfg.semi_weight_decay, seed, log)
+    return {**result, "dataset": dataset, "labelled_images": count,
+            "selection": "top1/top5: the best epoch on the test split, as the paper's semi_supervised/eval_linear.py "
+                         "reports; top1_last: the last epoch",
+            "settings": {"label_split": label_split or "all", "epochs": cfg.semi_epochs, "lr": cfg.semi_lr,
+                         "momentum": 0.9, "milestones": list(cfg.semi_milestones), "batch_size": cfg.semi_batch_size,
+                         "weight_decay": cfg.semi_weight_decay,
+                         "views": f"random resized crop ({cfg.semi_crop_min_scale:g}-1) + flip",
+                         "backbone": "frozen weights, BatchNorm in training mode (batch statistics, moving averages "
+                                     "updated)",
+                         "head": "L2 norm, standardise, Linear(c, c), BatchNorm, ReLU, Linear(c, classes)"}}
 
 
 def run_finetune(cfg, enc, features, log):
@@ -210,16 +253,18 @@ def run_transfer(cfg, enc, features, log):
         log(f"logistic regression on {name}: {len(train_x)} training, {len(test_x)} test images")
         table[name] = linear.logistic_regression(train_x, train_y, test_x, test_y, source.num_classes,
                                                  cfg.transfer_l2, cfg.transfer_val_fraction, cfg.seed,
-                                                 cfg.transfer_steps)
+                                                 cfg.transfer_max_iter)
         log(f"  {name}: top-1 {100 * table[name]['top1']:.1f}% (l2 {table[name]['l2']:g})")
     mean = float(np.mean([r["top1"] for r in table.values()]))
     return {"top1": mean, "mean_top1": mean, "datasets": table,
             "settings": {"l2_candidates": list(cfg.transfer_l2), "val_fraction": cfg.transfer_val_fraction,
-                         "steps": cfg.transfer_steps, "solver": "full-batch Adam, cosine lr, warm-started path",
+                         "max_iter": cfg.transfer_max_iter,
+                         "solver": "L-BFGS to convergence (max gradient entry < 1e-6), warm-started path",
                          "features": "L2-normalised, standardised by the training set"}}
 
 
-PROTOCOL_FNS = {"knn": run_knn, "linear": run_linear, "finetune": run_finetune, "transfer": run_transfer}
+PROTOCOL_FNS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "finetune": run_finetune,
+                "transfer": run_transfer}
 
 
 def load_encoder(cfg):
@@ -274,6 +319,9 @@ def write_summaries(cfg, result, step):
 def summary_lines(result):
     lines = [f"{result['protocol']}: top-1 {100 * result['top1']:.2f}%"
              + (f", top-5 {100 * result['top5']:.2f}%" if "top5" in result else "")]
+    if "best_epoch" in result:
+        lines.append(f"  best epoch {result['best_epoch']} (chosen on the test split, as the paper's code does); "
+                     f"last epoch: top-1 {100 * result['top1_last']:.2f}%")
     for key in sorted(k for k in result if k.startswith("knn_top")):
         lines.append(f"  {key}: {100 * result[key]:.2f}%")
     for name, r in result.get("datasets", {}).items():
