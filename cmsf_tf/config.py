@@ -48,6 +48,9 @@ flags.DEFINE_string("cmsf_2q_view", "pool", "cmsf_2q: where t' comes from: pool 
                     "target forward pass per image, no pool memory).")
 flags.DEFINE_string("pool_dtype", "float32", "cmsf_2q/cmsf_km per-image pool: float32 or bfloat16 (half the "
                     "memory; ImageNet x 512: 2Q 5.2 / 2.6 GB, KM 2.6 / 1.3 GB per replica).")
+flags.DEFINE_string("constraint_fill", "nearest", "cmsf_sup/cmsf_km/cmsf_pseudo: when fewer than --topk bank rows "
+                    "satisfy the constraint, fill with the query's nearest other rows (nearest) or with arbitrary "
+                    "rows as the paper's code does (official: every other row at distance 5.0, ties).")
 flags.DEFINE_integer("num_clusters", 50000, "cmsf_km: k-means clusters (paper: 50,000 on ImageNet).")
 flags.DEFINE_integer("kmeans_iters", 20, "cmsf_km: k-means iterations per epoch end.")
 flags.DEFINE_string("kmeans_init", "random", "cmsf_km: random or kmeans++ (greedy k-means++: better clusters, "
@@ -118,6 +121,7 @@ class Config:
     topk: int
     topk_prime: int
     cmsf_2q_view: str
+    constraint_fill: str
     pool_dtype: str
     num_clusters: int
     kmeans_iters: int
@@ -207,6 +211,7 @@ def validate(cfg):
     _choice(cfg.strategy, "strategy", _STRATEGIES)
     _choice(cfg.mixed_precision, "mixed_precision", _PRECISIONS)
     _choice(cfg.cmsf_2q_view, "cmsf_2q_view", ("pool", "third"))
+    _choice(cfg.constraint_fill, "constraint_fill", ("nearest", "official"))
     _choice(cfg.pool_dtype, "pool_dtype", ("float32", "bfloat16"))
     _choice(cfg.kmeans_init, "kmeans_init", ("random", "kmeans++"))
     for name in ("epochs", "batch_size", "bank_size", "topk", "image_size", "width", "cpu_devices",

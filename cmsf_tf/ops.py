@@ -9,10 +9,15 @@ import tensorflow as tf
 
 # A disallowed row is pushed this far down in similarity. Allowed rows have similarity >= -1 and
 # disallowed ones <= 1 - penalty < -1, so every allowed row ranks first; when a query has fewer than k
-# allowed rows the rest are filled with its nearest disallowed rows, in order (the reference code does
-# the same by adding 5 to the squared distance of non-matching rows). -inf would instead return
-# arbitrary rows in an arbitrary order.
+# allowed rows the rest are filled with its nearest disallowed rows, in order. (The paper's code sets the
+# distance of every disallowed row to one constant instead, so its fill rows are arbitrary: see
+# OFFICIAL_FILL_SIMILARITY.)
 DISALLOWED_PENALTY = 4.0
+# --constraint_fill=official: the paper's code sets the distance 2 - 2<t, m> of every disallowed row to
+# 5.0 (supervised/train_sup_msf.py, "set non category distances to 5"), i.e. the similarity to -1.5, so
+# the fill rows of a query with fewer than k allowed rows are ties: top-k takes the lowest bank indices.
+OFFICIAL_FILL_SIMILARITY = -1.5
+FILLS = ("nearest", "official")
 
 
 def similarities(targets, bank):
@@ -20,20 +25,26 @@ def similarities(targets, bank):
     return tf.matmul(targets, bank, transpose_b=True)
 
 
-def top_k_indices(sims, k, allowed=None):
-    """Indices of the k largest entries per row of `sims`, restricted to `allowed` where given."""
+def top_k_indices(sims, k, allowed=None, fill="nearest"):
+    """Indices of the k largest entries per row of `sims`, restricted to `allowed` where given. Rows
+    with fewer than k allowed entries are filled with their most similar disallowed ones (`fill=
+    "nearest"`) or, as the paper's code, with arbitrary ones (`"official"`: the lowest indices)."""
     if allowed is not None:
-        sims = tf.where(allowed, sims, sims - DISALLOWED_PENALTY)
+        if fill == "official":
+            sims = tf.where(allowed, sims, tf.constant(OFFICIAL_FILL_SIMILARITY, sims.dtype))
+        else:
+            sims = tf.where(allowed, sims, sims - DISALLOWED_PENALTY)
     return tf.math.top_k(sims, k=k, sorted=True).indices
 
 
-def nearest_neighbours(targets, bank, k, allowed=None):
+def nearest_neighbours(targets, bank, k, allowed=None, fill="nearest"):
     """int32[B, k]: the k bank rows most similar to each target, sorted, among `allowed` rows.
 
     `allowed` is bool[B, K] or None (all rows). A query with fewer than k allowed rows gets its nearest
-    disallowed rows after all of its allowed ones (see DISALLOWED_PENALTY).
+    disallowed rows after all of its allowed ones (see DISALLOWED_PENALTY), or arbitrary ones with
+    `fill="official"`.
     """
-    return top_k_indices(similarities(targets, bank), k, allowed)
+    return top_k_indices(similarities(targets, bank), k, allowed, fill)
 
 
 def label_constraint(query_labels, bank_labels):

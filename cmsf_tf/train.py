@@ -18,7 +18,7 @@ from cmsf_tf import config
 
 # Flags whose change would make a checkpoint in --model_dir mean something else.
 _RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
-                 "topk_prime", "cmsf_2q_view", "pool_dtype", "num_clusters",
+                 "topk_prime", "cmsf_2q_view", "constraint_fill", "pool_dtype", "num_clusters",
                  "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise",
                  "label_noise_file", "label_smoothing", "sup_bank_size", "conf_threshold")
 
@@ -121,7 +121,7 @@ def build_model(cfg, sync_bn, num_images, num_classes):
     return METHODS[cfg.method](**method_options(cfg, num_images, num_classes),
         arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
         proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
-        weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed)
+        weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed, constraint_fill=cfg.constraint_fill)
 
 
 def run(cfg, log=print):

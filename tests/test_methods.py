@@ -415,3 +415,19 @@ def test_pseudo_head_weight_decay_is_torch_sgds_and_the_defaults_are_the_papers(
     cfg = config.make(method="cmsf_pseudo", label_split="percent:10")
     assert cfg.pseudo_lr == 0.01 and cfg.pseudo_weight_decay == 1e-4
     assert min(int(m) for m in cfg.pseudo_milestones) >= cfg.pseudo_epochs == 10
+
+
+def test_constraint_fill_reaches_the_label_constrained_methods():
+    """--constraint_fill=official: a query whose label has no bank rows gets the lowest bank indices (ties
+    at distance 5.0), as the paper's code; the default fills with its nearest rows."""
+    batch = labelled_batch(np.zeros(BATCH, np.int32))
+    sims = tf.random.stateless_uniform([BATCH, 64], [1, 2], -1, 1)
+    got = {}
+    for fill in ("nearest", "official"):
+        keras.utils.set_random_seed(0)
+        model = METHODS["cmsf_sup"](arch="resnet18_small", image_size=SIZE, width=4, proj_hidden=32, proj_dim=16,
+                                    bank_size=64, topk=3, constraint_fill=fill)
+        model.bank.labels.assign(np.ones(64, np.int32))  # no row has the queries' label 0
+        (_, got[fill]), = model.neighbour_sets(dict(batch, query_label=batch["label"]), None, sims)
+    np.testing.assert_array_equal(got["official"].numpy(), np.tile(np.arange(3), (BATCH, 1)))
+    np.testing.assert_array_equal(got["nearest"].numpy(), np.argsort(-sims.numpy(), axis=1)[:, :3])

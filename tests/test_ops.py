@@ -33,6 +33,24 @@ def test_nearest_neighbours_matches_reference(k):
     assert got.dtype == np.int32 and got.shape == (8, k)
 
 
+def test_official_fill_puts_every_disallowed_row_at_distance_five():
+    """supervised/train_sup_msf.py: Dk[disallowed] = 5.0, then topk(largest=False). With fewer than k
+    allowed rows the fill rows tie; top-k takes the lowest indices (torch's order for ties is unspecified)."""
+    t, m = unit(8, 16), unit(60, 16)
+    allowed = RNG.random((8, 60)) < 0.05  # most queries have fewer than 5 allowed rows
+    allowed[0] = False  # and one has none
+    got = ops.nearest_neighbours(t, m, 5, tf.constant(allowed), fill="official").numpy()
+    distances = np.where(allowed, 2 - 2 * (t @ m.T), 5.0)
+    want = np.argsort(distances, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[0], np.arange(5))
+    assert (allowed.sum(1) < 5).sum() >= 4
+    # The default fill differs exactly there: nearest disallowed rows instead of the first indices.
+    nearest = ops.nearest_neighbours(t, m, 5, tf.constant(allowed)).numpy()
+    np.testing.assert_array_equal(nearest, ref_nearest(t, m, 5, allowed))
+    assert not np.array_equal(nearest, got)
+
+
 def test_nearest_neighbours_respects_allowed_mask():
     t, m = unit(8, 16), unit(60, 16)
     allowed = RNG.random((8, 60)) < 0.3

@@ -70,9 +70,12 @@ class TrainingPlumbing:
 class MeanShift(TrainingPlumbing, keras.Model):
     def __init__(self, *, arch, image_size, channels=3, width=64, proj_hidden=0, proj_dim=0,
                  bank_size=128000, topk=5, ema_momentum=0.99, weight_decay=1e-4, sync_bn=False,
-                 seed=0, **kwargs):
+                 seed=0, constraint_fill="nearest", **kwargs):
         super().__init__(**kwargs)
         self.topk = int(topk)
+        if constraint_fill not in ops.FILLS:
+            raise ValueError(f"unknown constraint fill {constraint_fill!r}; choose one of: {', '.join(ops.FILLS)}")
+        self.constraint_fill = constraint_fill
         self.ema_momentum = float(ema_momentum)
         self.weight_decay = float(weight_decay)
         feat = backbones.feature_dim(arch, width)
@@ -144,6 +147,10 @@ class MeanShift(TrainingPlumbing, keras.Model):
         """int[B] written to the bank's `labels` and compared by label constraints. Called once per
         step; the other hooks find the result in batch["query_label"]."""
         return batch["label"]
+
+    def constrained_top_k(self, sims, allowed):
+        """The top-k among `allowed` bank rows, filled by the run's --constraint_fill rule."""
+        return ops.top_k_indices(sims, self.topk, allowed, self.constraint_fill)
 
     def neighbour_sets(self, batch, targets, sims):
         """List of (weight, int32[B, k] bank indices) whose weighted losses are summed.

@@ -35,4 +35,4 @@ class CMSFKM(MeanShift):
 
     def neighbour_sets(self, batch, targets, sims):
         allowed = ops.label_constraint(self.clusters_of(batch["index"]), self.clusters_of(self.bank.image_indices))
-        return [(0.5, ops.top_k_indices(sims, self.topk, allowed)), (0.5, ops.top_k_indices(sims, self.topk))]
+        return [(0.5, self.constrained_top_k(sims, allowed)), (0.5, ops.top_k_indices(sims, self.topk))]

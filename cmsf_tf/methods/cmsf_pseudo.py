@@ -43,7 +43,7 @@ class CMSFPseudo(MeanShift):
 
     def neighbour_sets(self, batch, targets, sims):
         allowed = ops.label_constraint(batch["query_label"], self.bank.labels)
-        return [(1.0, ops.top_k_indices(sims, self.topk, allowed)), (0.0, ops.top_k_indices(sims, self.topk))]
+        return [(1.0, self.constrained_top_k(sims, allowed)), (0.0, ops.top_k_indices(sims, self.topk))]
 
     def write_state(self, targets, labels, true_labels, indices, is_labelled):
         keep = is_labelled | (labels >= 0) if self.cache_confident else is_labelled

@@ -2,8 +2,9 @@
 
 The bank stores each row's training label (noisy when --label_noise is set) next to its true label, so
 the purity against the truth shows what the noise does. When a label has fewer than k rows in the bank
-the remaining neighbours are the query's nearest rows of other classes (ops.DISALLOWED_PENALTY, as the
-reference code's "+5 distance" does), so the loss always averages over k rows.
+the remaining neighbours are the query's nearest rows of other classes (ops.DISALLOWED_PENALTY), so the
+loss always averages over k rows; --constraint_fill=official fills with arbitrary rows instead, as the
+paper's code does (it sets the distance of every other row to 5.0, so they tie).
 """
 
 from cmsf_tf import ops
@@ -13,4 +14,4 @@ from cmsf_tf.methods.base import MeanShift
 class CMSFSup(MeanShift):
     def neighbour_sets(self, batch, targets, sims):
         allowed = ops.label_constraint(batch["label"], self.bank.labels)
-        return [(1.0, ops.top_k_indices(sims, self.topk, allowed))]
+        return [(1.0, self.constrained_top_k(sims, allowed))]
