@@ -5,6 +5,7 @@ arguments from it. Any problem is raised as `UsageError` with one sentence for t
 """
 
 import dataclasses
+import math
 import os
 
 from absl import flags
@@ -14,6 +15,14 @@ from cmsf_tf.data import sources, splits
 
 class UsageError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
+
+
+def quiet_tensorflow():
+    """Before TensorFlow loads: INFO and WARNING lines off, and on a machine without an NVIDIA driver
+    also the ERROR line of the CUDA plugin's failed cuInit, which is the only C++ error such a machine
+    prints on every start. TF_CPP_MIN_LOG_LEVEL set by the user wins."""
+    no_gpu = not os.path.exists("/dev/nvidiactl") and not os.path.exists("/proc/driver/nvidia")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if no_gpu else "2")
 
 
 _METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "cmsf_pseudo", "xent")  # checked against cmsf_tf.methods.METHODS by the tests
@@ -202,8 +211,16 @@ def label_split_percent(value):
     return percent
 
 
+def _finite(cfg):
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{field.name} must be a finite number (got {value})")
+
+
 def validate(cfg):
     """Raises UsageError on the first problem with the flag values (data and paths are checked later)."""
+    _finite(cfg)
     _choice(cfg.method, "method", _METHODS)
     _choice(cfg.arch, "arch", _ARCHS)
     if not sources.is_known(cfg.dataset):
@@ -411,6 +428,7 @@ def eval_from_flags(protocol):
         transfer_datasets=tuple(FLAGS.transfer_datasets),
         transfer_data_dir=FLAGS.transfer_data_dir, transfer_l2=l2, transfer_val_fraction=FLAGS.transfer_val_fraction,
         transfer_max_iter=FLAGS.transfer_max_iter)
+    _finite(cfg)
     _choice(cfg.encoder, "encoder", ("online", "target"))
     _choice(cfg.knn_vote, "knn_vote", ("majority", "weighted"))
     _choice(cfg.knn_search, "knn_search", ("exact", "approx"))

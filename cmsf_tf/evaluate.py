@@ -345,7 +345,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     app.run(main)

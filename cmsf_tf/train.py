@@ -5,10 +5,13 @@ epoch -> k-NN evaluation -> result.json. A run resumes by itself from the newest
 --model_dir, mid-epoch included, and continues exactly (same data order, augmentations and state).
 """
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -23,8 +26,25 @@ _RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size
                  "label_noise_file", "label_smoothing", "sup_bank_size", "conf_threshold")
 
 
+def is_chief_process(cfg):
+    """Whether this process owns --model_dir: always, except the non-chief workers of a multi-worker
+    run (read from TF_CONFIG, before TensorFlow starts)."""
+    if cfg.strategy != "multi_worker":
+        return True
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    except ValueError:
+        raise config.UsageError("the TF_CONFIG environment variable is not valid JSON") from None
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
+    return task.get("type") in (None, "chief") or (task.get("type") == "worker" and int(task.get("index", 0)) == 0
+                                                   and "chief" not in cluster)
+
+
 def prepare_model_dir(cfg):
-    """Creates --model_dir, proves it writable and refuses to resume a different run in it."""
+    """Creates --model_dir, proves it writable, takes its lock (the chief; held until the process ends)
+    and refuses to resume a different run in it. Returns the lock (None on other workers)."""
+    from cmsf_tf import rundir
+
     path = cfg.model_dir
     try:
         os.makedirs(path, exist_ok=True)
@@ -34,10 +54,14 @@ def prepare_model_dir(cfg):
         os.remove(probe)
     except OSError as e:
         raise config.UsageError(f"cannot write to --model_dir {path}: {e.strerror or e}") from None
-    saved = os.path.join(path, "flags.json")
-    if os.path.exists(saved) and os.path.isdir(os.path.join(path, "checkpoints")):
-        with open(saved) as f:
-            previous = json.load(f)
+    try:
+        held = rundir.lock(path) if is_chief_process(cfg) else None
+        saved = os.path.join(path, "flags.json")
+        previous = rundir.read_flags(saved) if os.path.exists(saved) and os.path.isdir(
+            os.path.join(path, "checkpoints")) else None
+    except rundir.RunDirError as e:
+        raise config.UsageError(str(e)) from None
+    if previous is not None:
         for name in _RUN_IDENTITY:
             if name in previous and previous[name] != getattr(cfg, name):
                 raise config.UsageError(
@@ -45,6 +69,7 @@ def prepare_model_dir(cfg):
                     f"--{name}={getattr(cfg, name)}; use another --model_dir or the same flags to resume")
     with open(saved, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    return held
 
 
 def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
@@ -124,11 +149,78 @@ def build_model(cfg, sync_bn, num_images, num_classes):
         weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed, constraint_fill=cfg.constraint_fill)
 
 
+# The --model_dir locks this process holds: open files whose flock lasts as long as they stay open.
+_RUN_LOCKS = []
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGTERM or Ctrl-C after saving a checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_signals(saver, log):
+    """SIGTERM (schedulers, `kill`) and Ctrl-C ask `saver` to save at the next step boundary and stop;
+    a second Ctrl-C stops at once (the newest checkpoint stays the last one saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+    def handle(signum, frame):
+        if saver.stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        saver.request_stop(names[signum])
+        log(f"{names[signum]}: saving a checkpoint at the next step and stopping (Ctrl-C again: stop now)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in names}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, steps_per_epoch, total_steps,
+               checkpoint_dir):
+    """model.fit from `step` to the end (or an early stop); returns the global step reached."""
+    import tensorflow as tf
+
+    from cmsf_tf.callbacks.checkpoint import Diverged, SaveFailed, global_step
+    from cmsf_tf.data import pipeline
+
+    while step < total_steps and not saver.stopped_early:
+        if cfg.stop_after_steps and step >= cfg.stop_after_steps:
+            break
+        epoch, done = divmod(step, steps_per_epoch)
+        # A resumed run may start mid-epoch: finish that epoch alone, then run whole epochs.
+        end_epoch = epoch + 1 if done else cfg.epochs
+        data = strategy.distribute_datasets_from_function(
+            lambda context, epoch=epoch, end_epoch=end_epoch, done=done: pipeline.train_dataset(
+                source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
+                steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
+                labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
+                input_context=context, shuffle_buffer=cfg.shuffle_buffer,
+                third_view=cfg.method == "cmsf_2q" and cfg.cmsf_2q_view == "third",
+                strong_view=cfg.method != "xent"))
+        try:
+            model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
+                      callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
+        except Diverged as e:
+            last = tf.train.latest_checkpoint(checkpoint_dir) or "none"
+            raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
+        except SaveFailed as e:
+            last = tf.train.latest_checkpoint(checkpoint_dir) or "none"
+            raise config.UsageError(f"{e}; the previous checkpoints are intact (newest: {last}): make room and run "
+                                    "the same command again to resume") from None
+        step = global_step(model)
+    return step
+
+
 def run(cfg, log=print):
     """Trains (or resumes) the run described by `cfg`. Returns the result dict, or None if the run
     stopped early at --stop_after_steps."""
     started = time.time()
-    prepare_model_dir(cfg)
+    _RUN_LOCKS.append(prepare_model_dir(cfg))  # held until the process ends (released by the kernel then)
     from cmsf_tf.data import sources  # NumPy only: bad data is reported before TensorFlow loads
 
     try:
@@ -147,9 +239,9 @@ def run(cfg, log=print):
     import keras
     import tensorflow as tf
 
-    from cmsf_tf.callbacks.checkpoint import CheckpointSaver, Diverged, DivergenceGuard, global_step
+    from cmsf_tf import rundir
+    from cmsf_tf.callbacks.checkpoint import CheckpointSaver, DivergenceGuard, global_step
     from cmsf_tf.callbacks.summaries import ScalarSummaries
-    from cmsf_tf.data import pipeline
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -180,11 +272,24 @@ def run(cfg, log=print):
     chief = distribute.is_chief(strategy)
     checkpoint_dir = os.path.join(cfg.model_dir, "checkpoints")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    try:
+        if chief:
+            removed = rundir.remove_orphans(checkpoint_dir)
+            if removed:
+                log(f"removed the partial files of an interrupted save: {', '.join(removed)}")
+        latest = rundir.usable_checkpoint(checkpoint_dir, log, repair=chief)
+    except rundir.RunDirError as e:
+        raise config.UsageError(str(e)) from None
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
     step = global_step(model)
+    result_path = os.path.join(cfg.model_dir, "result.json")
+    if step >= total_steps and os.path.isfile(result_path):
+        log(f"the run in {cfg.model_dir} is finished (step {step} of {total_steps}); {result_path} is unchanged "
+            "(raise --epochs to train on, or use another --model_dir)")
+        with open(result_path) as f:
+            return json.load(f)
     if step:
         log(f"resumed from {latest} (step {step}, epoch {step // steps_per_epoch + 1})")
 
@@ -206,29 +311,15 @@ def run(cfg, log=print):
         callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))
 
     train_started, first_step = time.time(), step
-    while step < total_steps and not saver.stopped_early:
-        if cfg.stop_after_steps and step >= cfg.stop_after_steps:
-            break
-        epoch, done = divmod(step, steps_per_epoch)
-        # A resumed run may start mid-epoch: finish that epoch alone, then run whole epochs.
-        end_epoch = epoch + 1 if done else cfg.epochs
-        data = strategy.distribute_datasets_from_function(
-            lambda context, epoch=epoch, end_epoch=end_epoch, done=done: pipeline.train_dataset(
-                source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
-                steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
-                labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
-                input_context=context, shuffle_buffer=cfg.shuffle_buffer,
-                third_view=cfg.method == "cmsf_2q" and cfg.cmsf_2q_view == "third",
-                strong_view=cfg.method != "xent"))
-        try:
-            model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
-                      callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
-        except Diverged as e:
-            last = tf.train.latest_checkpoint(checkpoint_dir) or "none"
-            raise config.UsageError(f"{e}; stopped without saving it (last good checkpoint: {last})") from None
-        step = global_step(model)
+    with stop_signals(saver, log):
+        step = fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, steps_per_epoch, total_steps,
+                          checkpoint_dir)
     train_seconds = time.time() - train_started
 
+    if saver.stop_reason:
+        log(f"stopped by {saver.stop_reason} at step {step} of {total_steps} with a checkpoint "
+            f"({tf.train.latest_checkpoint(checkpoint_dir)}); run the same command again to resume")
+        raise Interrupted(saver.stop_reason)
     if saver.stopped_early or step < total_steps:
         log(f"stopped at step {step} of {total_steps}; run the same command again to resume")
         return None
@@ -236,8 +327,10 @@ def run(cfg, log=print):
         return None
 
     result = {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
-              "steps": step,
-              "train_images_per_s": round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)}
+              "steps": step}
+    if step > first_step:
+        result["train_images_per_s"] = round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)
+
     if cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
     if cfg.knn_baselines:
@@ -289,11 +382,9 @@ def summary_lines(result):
     """Human-readable k-NN table of a result dict."""
     rows = [(f"trained ({result['method']}, {result['epochs']} epochs)", result)]
     rows += [(name.replace("_", " "), r) for name, r in result.get("baselines", {}).items()]
-    lines = ["k-NN top-1 on the test split     20-NN    1-NN"]
-    for name, r in rows:
-        if "knn_top1_k20" in r:
-            lines.append(f"  {name:<30} {100 * r['knn_top1_k20']:5.1f}%  {100 * r['knn_top1_k1']:5.1f}%")
-    return lines
+    lines = [f"  {name:<30} {100 * r['knn_top1_k20']:5.1f}%  {100 * r['knn_top1_k1']:5.1f}%"
+             for name, r in rows if "knn_top1_k20" in r]
+    return ["k-NN top-1 on the test split     20-NN    1-NN"] + lines if lines else []
 
 
 def main(argv):
@@ -307,13 +398,19 @@ def main(argv):
     except config.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        sys.exit(143 if str(e) == "SIGTERM" else 130)
+    except KeyboardInterrupt:
+        print("interrupted (second Ctrl-C) without saving; the newest checkpoint in --model_dir is the last one "
+              "saved; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     if result is not None:
         print(json.dumps(result, indent=2))
         print("\n".join(summary_lines(result)))
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the progress bar
     app.run(main)
