@@ -2,8 +2,9 @@
 
 Endpoints (also serving signatures):
   serve(images: uint8 [B, S, S, 3])   -> {"features": float32 [B, F], unit length}
-  serve_jpeg(images: string [B])      -> {"features": ...}; encoded JPEG/PNG bytes, the evaluation
-                                         transform (central 87.5% square, resized to S) inside the graph
+  serve_jpeg(images: string [B])      -> {"features": ..., "ok": bool [B]}; encoded JPEG/PNG bytes, the
+                                         evaluation transform (central 87.5% square, resized to S) inside the
+                                         graph; items that are not images get zeros and ok = False
   encode(images: float32 [B, S, S, 3]) -> float32 [B, F] raw backbone features of normalised images
                                          (what python -m cmsf_tf.evaluate --saved_model uses)
 Grey images: replicate the channel (serve) or pass them encoded (serve_jpeg handles it).
@@ -29,22 +30,32 @@ def write_saved_model(encoder, export_dir):
     size = encoder.image_size
     backbone = encoder.backbone
 
+    def raw_features(images):
+        # An empty batch answers with an empty result (the backbone's BatchNorm fails on a 0-row batch).
+        return tf.cond(tf.shape(images)[0] > 0, lambda: tf.cast(backbone(images, training=False), tf.float32),
+                       lambda: tf.zeros([0, encoder.feature_dim], tf.float32))
+
     def unit_features(images):
-        return {"features": tf.math.l2_normalize(tf.cast(backbone(images, training=False), tf.float32), axis=-1)}
+        return {"features": tf.math.l2_normalize(raw_features(images), axis=-1)}
 
     def serve(images):
         return unit_features(augment.normalize(tf.image.convert_image_dtype(images, tf.float32)))
 
     def serve_jpeg(images):
-        views = tf.map_fn(lambda x: augment.eval_view(x, size), images,
-                          fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-        return unit_features(views)
+        # Item by item: an item that is not a JPEG/PNG/GIF/BMP (or is empty) gets zero features and
+        # ok = False instead of failing the whole batch; an empty batch gives empty outputs.
+        ok = tf.map_fn(augment.looks_like_image, images, fn_output_signature=tf.bool)
+        blank = tf.zeros([size, size, 3], tf.float32)
+        views = tf.map_fn(lambda item: tf.cond(item[1], lambda: augment.eval_view(item[0], size), lambda: blank),
+                          (images, ok), fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        features = unit_features(views)["features"]
+        return {"features": tf.where(ok[:, None], features, tf.zeros_like(features)), "ok": ok}
 
     archive = keras.export.ExportArchive()
     archive.track(backbone)
     archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
     archive.add_endpoint("serve_jpeg", serve_jpeg, input_signature=[tf.TensorSpec([None], tf.string)])
-    archive.add_endpoint("encode", lambda images: tf.cast(backbone(images, training=False), tf.float32),
+    archive.add_endpoint("encode", raw_features,
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     archive.write_out(export_dir, verbose=False)
     os.makedirs(os.path.join(export_dir, "assets"), exist_ok=True)

@@ -187,8 +187,13 @@ import numpy as np, tensorflow as tf
 loaded = tf.saved_model.load(sys.argv[1])
 images = np.load(sys.argv[2])
 jpegs = [tf.io.encode_jpeg(tf.image.grayscale_to_rgb(tf.constant(im)), quality=95).numpy() for im in images]
+png = tf.io.encode_png(tf.image.grayscale_to_rgb(tf.constant(images[1]))).numpy()
+mixed = loaded.serve_jpeg(tf.constant([jpegs[0], b"not an image", b"", png]))
+empty = loaded.serve_jpeg(tf.constant([], tf.string))
 out = {"serve": loaded.serve(tf.image.grayscale_to_rgb(tf.constant(images)))["features"].numpy().tolist(),
        "jpeg": loaded.serve_jpeg(tf.constant(jpegs))["features"].numpy().tolist(),
+       "mixed": mixed["features"].numpy().tolist(), "mixed_ok": mixed["ok"].numpy().tolist(),
+       "empty": list(empty["features"].shape) + list(empty["ok"].shape),
        "signatures": sorted(loaded.signatures.keys())}
 print(json.dumps(out))
 """
@@ -222,6 +227,15 @@ def test_export_serves_in_a_fresh_process_and_evaluates_like_the_checkpoint(run_
     jpegs = [tf.io.encode_jpeg(tf.image.grayscale_to_rgb(tf.constant(im)), quality=95) for im in images]
     want_jpeg = tf.math.l2_normalize(enc.features(tf.stack([augment.eval_view(j, 28) for j in jpegs])), -1)
     np.testing.assert_allclose(served["jpeg"], want_jpeg.numpy(), atol=1e-4)
+    # One bad item (not an image, or empty) does not fail the batch: zeros and ok = False for it alone.
+    assert served["mixed_ok"] == [True, False, False, True]
+    mixed = np.array(served["mixed"])
+    np.testing.assert_allclose(mixed[0], want_jpeg.numpy()[0], atol=1e-4)
+    png = tf.io.encode_png(tf.image.grayscale_to_rgb(tf.constant(images[1])))
+    want_png = tf.math.l2_normalize(enc.features(augment.eval_view(png, 28)[None]), -1)
+    np.testing.assert_allclose(mixed[3], want_png.numpy()[0], atol=1e-4)
+    assert not mixed[1:3].any()
+    assert served["empty"] == [0, want.shape[1], 0]
 
     # evaluate --saved_model gives the checkpoint's k-NN numbers.
     out = evaluate("knn", f"--saved_model={export_dir}", f"--model_dir={tmp_path / 'sm_eval'}")

@@ -34,6 +34,16 @@ def image_shape(image):
                    lambda: tf.shape(decode(image)))
 
 
+def looks_like_image(encoded):
+    """bool: the bytes start like a JPEG, PNG, GIF or BMP file (what decode_image reads); False for an
+    empty string or anything else. Lets a batch skip a bad item instead of failing as a whole."""
+    head = tf.strings.substr(encoded, 0, 8)
+    return tf.logical_or(
+        tf.logical_or(tf.strings.substr(head, 0, 3) == b"\xff\xd8\xff", head == b"\x89PNG\r\n\x1a\n"),
+        tf.logical_or(tf.strings.substr(head, 0, 4) == b"GIF8",
+                      tf.logical_and(tf.strings.substr(head, 0, 2) == b"BM", tf.strings.length(encoded) > 26)))
+
+
 def decode(encoded):
     """The whole image, RGB uint8 (JPEG, PNG, and CMYK/greyscale JPEGs)."""
     return tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False), [None, None, 3])
