@@ -235,6 +235,14 @@ def run(cfg, log=print):
 
     from cmsf_tf import distribute
     distribute.configure_cpu_devices(cfg.cpu_devices)  # before the first TF op
+    if cfg.deterministic:
+        # enable_op_determinism makes each kernel deterministic, but the train step still differed in the
+        # last bits from its second step on between identical runs (1e-7 in the weights, 0.064 in the bank
+        # after 12 demo steps) unless the graph's independent ops run one at a time: the order in which
+        # the inter-op pool finishes them changes float round-off. Intra-op threads stay.
+        import tensorflow as tf
+
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
     import keras
     import tensorflow as tf
