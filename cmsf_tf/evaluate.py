@@ -78,7 +78,8 @@ class Features:
         self.encoder, self.cfg, self.log = encoder, cfg, log
         self.dir = os.path.join(cfg.model_dir, "eval", "features")
 
-    def __call__(self, source, dataset, split, keep=None, keep_name="all"):
+    def __call__(self, source, dataset, split, keep=None, keep_name="all", count=None):
+        """`count`: how many images `keep` selects, when known (for the progress line)."""
         import keras
 
         from cmsf_tf.data import pipeline
@@ -92,7 +93,7 @@ class Features:
             cached = np.load(path)
             self.log(f"{split} features of {dataset} from {path}")
             return cached["features"], cached["labels"]
-        total = source.num_train if split == "train" else source.num_test
+        total = count or (source.num_train if split == "train" else source.num_test)
         bar = keras.utils.Progbar(total, verbose=1 if sys.stderr.isatty() else 0, unit_name="image")
         self.log(f"extracting {split} features of {dataset} ({total} images) ...")
         feats, labels = knn.features_and_labels(
@@ -111,13 +112,15 @@ def run_knn(cfg, enc, features, log):
 
     dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
     source = load_source(dataset, data_dir, class_list)
-    keep, subset = None, "all"
+    keep, subset, count = None, "all", None
     if cfg.index_split == "labelled":
         if not label_split:
             raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
-        fn = label_plan(source, dataset, label_split, seed).make_fn()
+        plan = label_plan(source, dataset, label_split, seed)
+        fn = plan.make_fn()
         keep, subset = (lambda index, label, name: fn(index, label, name) >= 0), f"labelled:{label_split}"
-    index, index_labels = features(source, dataset, "train", keep, subset)
+        count = labelled_count(plan, source)
+    index, index_labels = features(source, dataset, "train", keep, subset, count)
     queries, query_labels = features(source, dataset, "test")
     if max(cfg.knn_k) > len(index):
         raise config.UsageError(f"--knn_k {max(cfg.knn_k)} is larger than the index ({len(index)} images)")
@@ -185,7 +188,7 @@ def run_semi(cfg, enc, features, log):
     fn = plan.make_fn()
     keep = (lambda index, label, name: fn(index, label, name) >= 0) if label_split else None
     subset = f"labelled:{label_split}" if label_split else "all"
-    labelled_x, _ = features(source, dataset, "train", keep, subset)
+    labelled_x, _ = features(source, dataset, "train", keep, subset, labelled_count(plan, source))
     count = len(labelled_x)
     steps = -(-count // cfg.semi_batch_size)
     log(f"semi-supervised evaluation on {count} labelled images ({label_split or 'all labels'}): "
