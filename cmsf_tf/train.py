@@ -409,8 +409,8 @@ def main(argv):
     except Interrupted as e:
         sys.exit(143 if str(e) == "SIGTERM" else 130)
     except KeyboardInterrupt:
-        print("interrupted (second Ctrl-C) without saving; the newest checkpoint in --model_dir is the last one "
-              "saved; run the same command again to resume", file=sys.stderr)
+        print("interrupted without saving (Ctrl-C before training started, or twice); the newest checkpoint in "
+              "--model_dir is the last one saved: run the same command again to resume", file=sys.stderr)
         sys.exit(130)
     if result is not None:
         print(json.dumps(result, indent=2))
