@@ -63,6 +63,17 @@ def label_plan(source, dataset, label_split, seed):
     return train.training_labels(cfg, source)
 
 
+def labelled_subset(source, dataset, label_split, seed):
+    """(plan, keep, subset name, count) of the labelled training images of `label_split` (all images
+    when it is empty): `keep` is the pipeline filter for Features, None for all."""
+    plan = label_plan(source, dataset, label_split, seed)
+    if not label_split:
+        return plan, None, "all", labelled_count(plan, source)
+    fn = plan.make_fn()
+    return (plan, lambda index, label, name: fn(index, label, name) >= 0, f"labelled:{label_split}",
+            labelled_count(plan, source))
+
+
 def labelled_count(plan, source):
     if plan.labels is not None:
         return int(np.sum(np.asarray(plan.labels) >= 0))
@@ -116,10 +127,7 @@ def run_knn(cfg, enc, features, log):
     if cfg.index_split == "labelled":
         if not label_split:
             raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
-        plan = label_plan(source, dataset, label_split, seed)
-        fn = plan.make_fn()
-        keep, subset = (lambda index, label, name: fn(index, label, name) >= 0), f"labelled:{label_split}"
-        count = labelled_count(plan, source)
+        _, keep, subset, count = labelled_subset(source, dataset, label_split, seed)
     index, index_labels = features(source, dataset, "train", keep, subset, count)
     queries, query_labels = features(source, dataset, "test")
     if max(cfg.knn_k) > len(index):
@@ -184,11 +192,8 @@ def run_semi(cfg, enc, features, log):
 
     dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
     source = load_source(dataset, data_dir, class_list)
-    plan = label_plan(source, dataset, label_split, seed)
-    fn = plan.make_fn()
-    keep = (lambda index, label, name: fn(index, label, name) >= 0) if label_split else None
-    subset = f"labelled:{label_split}" if label_split else "all"
-    labelled_x, _ = features(source, dataset, "train", keep, subset, labelled_count(plan, source))
+    plan, keep, subset, count = labelled_subset(source, dataset, label_split, seed)
+    labelled_x, _ = features(source, dataset, "train", keep, subset, count)
     count = len(labelled_x)
     steps = -(-count // cfg.semi_batch_size)
     log(f"semi-supervised evaluation on {count} labelled images ({label_split or 'all labels'}): "

@@ -46,7 +46,11 @@ def finetune(backbone, feature_dim, num_classes, batches, steps_per_epoch, epoch
 
 def evaluate(backbone, head, batches):
     """{top1, top5} of backbone + head on (images, labels) eval batches."""
-    predict = tf.function(lambda x: head(tf.cast(backbone(x, training=False), tf.float32)))
+    return accuracy(tf.function(lambda x: head(tf.cast(backbone(x, training=False), tf.float32))), batches)
+
+
+def accuracy(predict, batches):
+    """{top1, top5} of `predict` (images -> class scores) on (images, labels) eval batches."""
     logits, labels = [], []
     for images, batch_labels in batches:
         logits.append(predict(images).numpy())

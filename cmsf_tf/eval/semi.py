@@ -14,7 +14,7 @@ best epoch, chosen on the test split.
 import numpy as np
 import tensorflow as tf
 
-from cmsf_tf.eval import linear
+from cmsf_tf.eval import finetune, linear
 from cmsf_tf.models import heads
 
 
@@ -51,11 +51,7 @@ def train_and_evaluate(backbone, feature_dim, num_classes, stats, batches, test_
     for epoch in range(epochs):
         losses = [float(step(images, tf.cast(labels, tf.int32))) for images, labels in batches(epoch)]
         history.append(float(np.mean(losses)) if losses else float("nan"))
-        logits, labels = [], []
-        for images, batch_labels in test_batches():
-            logits.append(predict(images).numpy())
-            labels.append(np.asarray(batch_labels))
-        per_epoch.append(linear.top_k_accuracy(np.concatenate(logits), np.concatenate(labels)))
+        per_epoch.append(finetune.accuracy(predict, test_batches()))
         if log:
             log(f"  semi-supervised epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}, "
                 f"test top-1 {100 * per_epoch[-1]['top1']:.2f}%")
