@@ -7,13 +7,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test data deps clean-venv
+.PHONY: demo test data deps bench bench-deps clean-venv
 
 demo: deps data
 	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg --model_dir=runs/demo
 
 test: deps data
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning tests
+
+# Benchmarks (ratios measured in one run; see README, Performance). Installs the optional PyTorch,
+# faiss and matplotlib of requirements-bench.txt, appends to bench/results.json, rewrites the README's table.
+bench: deps bench-deps
+	mkdir -p bench
+	$(PY) tools/bench_step.py --json=bench/results.json
+	$(PY) tools/bench_nn.py --json=bench/results.json
+	$(PY) tools/bench_input.py
+	$(PY) tools/bench_kmeans.py
+	$(PY) tools/bench_knn.py --n=200000 --queries=2000
+	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
+
+bench-deps: deps
+	$(PY) -m pip install -q -r requirements-bench.txt
 
 deps: $(VENV)/.installed
 

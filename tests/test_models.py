@@ -41,3 +41,34 @@ def test_mlp_is_linear_bn_relu_linear():
     kinds = [l.__class__.__name__ for l in m.layers[1:]]
     assert kinds == ["Dense", "BatchNormalization", "ReLU", "Dense"]
     assert m.output_shape == (None, 512)
+
+
+def test_fused_batch_norm_matches_keras_in_training_mode():
+    """The fused training path of backbones.BatchNormalization gives Keras' outputs, moving statistics
+    and gradients (x, gamma, beta) to float32 round-off; inference and 2-d inputs use Keras' own path."""
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(1.5, 2.0, size=(6, 5, 4, 8)).astype(np.float32))
+    gamma, beta = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    outs = []
+    for cls in (keras.layers.BatchNormalization, backbones.BatchNormalization):
+        layer = cls(momentum=0.9, epsilon=1e-5)
+        layer.build(x.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.sin(tf.range(8, dtype=tf.float32)))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        outs.append([y.numpy(), layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+                    + [g.numpy() for g in grads] + [layer(x, training=False).numpy()])
+    keras_out, fused_out = outs
+    for name, a, b in zip(["y", "moving_mean", "moving_variance", "dx", "dgamma", "dbeta", "inference"],
+                          keras_out, fused_out):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
+    # the moving variance follows the biased batch variance, as Keras'
+    want_var = 0.9 + 0.1 * x.numpy().reshape(-1, 8).var(axis=0)
+    np.testing.assert_allclose(fused_out[2], want_var, rtol=1e-5)

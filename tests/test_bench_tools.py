@@ -1,0 +1,44 @@
+"""Smoke tests of the benchmark tools at tiny sizes: they run, every case gives a finite time, and the
+report renders. No timing is asserted (benchmarks report ratios; tests never time)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+
+
+def run_tool(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_bench_nn_quick(tmp_path):
+    results = tmp_path / "results.json"
+    run_tool(os.path.join(TOOLS, "bench_nn.py"), "--quick", "--no_torch", f"--json={results}")
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["tool"] == "bench_nn"
+    assert {(r["constraint"], r["dtype"]) for r in record["rows"]} == {
+        (c, d) for c in ("msf", "2q", "label", "km") for d in ("float32", "bfloat16")}
+    assert all(math.isfinite(r["cmsf_tf_ms"]) and r["cmsf_tf_ms"] > 0 for r in record["rows"])
+
+
+def test_bench_step_quick_and_report(tmp_path):
+    results = tmp_path / "results.json"
+    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=byol,cmsf_km",
+             f"--json={results}")
+    record = json.loads(results.read_text().splitlines()[-1])
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(rows) == {"byol", "cmsf_km"}
+    assert all("error" not in r and r["ms"] > 0 and r["rss_mb"] > 0 for r in rows.values())
+    assert rows["byol"]["vs_byol"] == 1.0 and rows["cmsf_km"]["vs_byol"] > 0
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
+    run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
+    text = readme.read_text()
+    assert "old" not in text and "| tiny | cmsf_km | cmsf_tf |" in text and text.endswith("rest\n")

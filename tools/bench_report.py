@@ -1,0 +1,79 @@
+"""Renders the newest run of each benchmark in bench/results.json (JSON lines written by the bench_*.py
+tools with --json) as Markdown, and puts it into README.md between the `bench:start` / `bench:end`
+markers (`--readme`), with the machine it ran on.
+
+    python tools/bench_report.py [--results=bench/results.json] [--readme=README.md]
+"""
+
+import argparse
+import json
+import re
+
+
+def latest(path):
+    runs = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                record = json.loads(line)
+                runs[record["tool"]] = record
+    return runs
+
+
+def table(rows, columns):
+    head = "| " + " | ".join(title for title, _ in columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(_fmt(row.get(key)) for _, key in columns) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def _fmt(value):
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if value < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def render(runs):
+    out = []
+    step = runs.get("bench_step")
+    if step:
+        m = step["machine"]
+        out.append(f"Train step (`tools/bench_step.py`, {step['time']}, {m['cpu']}, {m['cores']} cores, "
+                   f"{', '.join(f'{k} {v}' for k, v in step.get('versions', {}).items())}):\n")
+        out.append(table(step["rows"], [("net", "net"), ("method", "method"), ("framework", "framework"),
+                                        ("ms/step", "ms"), ("min", "min_ms"), ("max", "max_ms"),
+                                        ("images/s", "images_per_s"), ("vs byol", "vs_byol"),
+                                        ("vs PyTorch", "vs_torch"), ("peak RSS MB", "rss_mb")]))
+    nn = runs.get("bench_nn")
+    if nn:
+        s = nn["settings"]
+        out.append(f"\nNeighbour step (`tools/bench_nn.py`, {nn['time']}: B {s['batch']}, bank {s['bank']:,} x "
+                   f"{s['dim']}, k {s['k']}, k' {s['kprime']}, {s['classes']:,} classes, {s['clusters']:,} "
+                   f"clusters{', with the gradient to the queries' if s.get('grad', True) else ', forward only'}):\n")
+        out.append(table(nn["rows"], [("constraint", "constraint"), ("dtype", "dtype"), ("cmsf_tf ms", "cmsf_tf_ms"),
+                                      ("authors' formulation ms", "authors_ms"), ("ratio", "ratio")]))
+    return "\n".join(out) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="bench/results.json")
+    parser.add_argument("--readme", default="")
+    args = parser.parse_args()
+    text = render(latest(args.results))
+    print(text)
+    if args.readme:
+        with open(args.readme) as f:
+            readme = f.read()
+        pattern = re.compile(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"{args.readme} has no <!-- bench:start --> ... <!-- bench:end --> block")
+        with open(args.readme, "w") as f:
+            f.write(pattern.sub(lambda m: m.group(1) + text + m.group(2), readme))
+
+
+if __name__ == "__main__":
+    main()

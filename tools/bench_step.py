@@ -1,0 +1,248 @@
+"""Train-step benchmark: the full step of every method (target forward, online forward + backward,
+neighbour search, bank write, optimizer, EMA) on fixed in-memory batches (no input pipeline), for the
+demo network and for ResNet-50, against the same step written in PyTorch the way the authors' code
+writes it (tools/torch_reference.py) when torch is installed, timed alternately in one run.
+
+    python tools/bench_step.py                          # demo network and ResNet-50, every method
+    python tools/bench_step.py --nets=demo --methods=msf,byol
+    python tools/bench_step.py --quick                  # tiny sizes (smoke test)
+
+Each (method, framework) runs in its own process (so each has its own peak RSS and nothing one
+framework leaves behind slows the other); the processes of one method take turns: round r runs
+--steps steps of cmsf_tf, then of PyTorch, and so on. Reported: median ms/step over the rounds (min-max),
+images/s, the ratio to BYOL's step of the same framework, the ratio to PyTorch, the peak RSS.
+cmsf_tf's step is Keras' train function, the one model.fit calls every step.
+"""
+
+import argparse
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
+METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "cmsf_pseudo", "xent")
+# net -> the model and data sizes of the step
+NETS = {
+    "demo": dict(arch="resnet18_small", width=16, image_size=28, batch=256, bank_size=8192, num_images=60000,
+                 num_classes=10, num_clusters=500),
+    "resnet50": dict(arch="resnet50", width=64, image_size=224, batch=16, bank_size=128000, num_images=128000,
+                     num_classes=1000, num_clusters=50000),
+    # --quick: the smallest step that still runs every part
+    "tiny": dict(arch="resnet18_small", width=4, image_size=16, batch=16, bank_size=256, num_images=512,
+                 num_classes=10, num_clusters=20),
+}
+
+
+def fixed_batch(net, seed=0):
+    """NumPy arrays of one batch as the pipeline yields it (normalised float images, labels, indices)."""
+    rng = np.random.default_rng(seed)
+    b, s = net["batch"], net["image_size"]
+    images = lambda: rng.normal(size=(b, s, s, 3)).astype(np.float32)  # noqa: E731
+    labels = rng.integers(0, net["num_classes"], b).astype(np.int32)
+    return {"weak": images(), "strong": images(), "third": images(), "label": labels, "true_label": labels.copy(),
+            "index": rng.choice(net["num_images"], b, replace=False).astype(np.int64),
+            "is_labelled": rng.random(b) < 0.1}
+
+
+def configure_tf_threads(threads):
+    import tensorflow as tf
+
+    if threads.get("intra"):
+        tf.config.threading.set_intra_op_parallelism_threads(threads["intra"])
+    if threads.get("inter"):
+        tf.config.threading.set_inter_op_parallelism_threads(threads["inter"])
+
+
+def tf_step(method, net, threads):
+    """A callable running `steps` cmsf_tf train steps, as model.fit does."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    configure_tf_threads(threads)
+    import keras
+    import tensorflow as tf
+
+    from cmsf_tf import config, train
+
+    cfg = config.make(method=method, arch=net["arch"], width=net["width"], image_size=net["image_size"],
+                      batch_size=net["batch"], bank_size=net["bank_size"], num_clusters=net["num_clusters"],
+                      topk=1 if method == "byol" else 5, sup_bank_size=net["bank_size"],
+                      label_split="percent:10" if method == "cmsf_pseudo" else "")
+    model = train.build_model(cfg, sync_bn=False, num_images=net["num_images"], num_classes=net["num_classes"])
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=bool(threads.get("jit")))
+    if method == "cmsf_km":  # clusters as after the first epoch end, so the constraint is active
+        rng = np.random.default_rng(1)
+        model.cluster_ids.assign(rng.integers(0, net["num_clusters"], net["num_images"]).astype(np.int32))
+    batch = {k: v for k, v in fixed_batch(net).items() if method != "xent" or k not in ("strong", "third")}
+    if method != "cmsf_2q":
+        batch.pop("third", None)
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    model.make_train_function()
+    train_function = model.train_function
+
+    def run(steps):
+        for _ in range(steps):
+            logs = train_function(iterator)
+        float(np.asarray(logs["loss"]).ravel()[0])  # wait for the step
+
+    return run
+
+
+def torch_step(method, net, threads):
+    import torch
+
+    import torch_reference
+
+    torch.set_num_threads(threads.get("intra") or benchlib.machine()["cores"])
+    torch.manual_seed(0)
+    step = torch_reference.make_step(method, net["arch"], net["width"], net["bank_size"], net["num_images"],
+                                     net["num_classes"], topk=5, num_clusters=net["num_clusters"])
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2)) if v.ndim == 4 else v)
+             for k, v in fixed_batch(net).items()}
+    batch["label"], batch["index"] = batch["label"].long(), batch["index"].long()
+
+    def run(steps):
+        for _ in range(steps):
+            step(batch)
+
+    return run
+
+
+def worker(conn, framework, method, net, threads):
+    """A process holding one step: answers ("run", steps) with seconds, ("rss",) with peak RSS in MB."""
+    try:
+        sys.path.insert(0, ROOT)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
+        run(1)  # tracing, allocation, warm-up
+        conn.send(("ready", None))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "run":
+                start = time.perf_counter()
+                run(msg[1])
+                conn.send(("time", (time.perf_counter() - start) / msg[1]))
+            elif msg[0] == "rss":
+                conn.send(("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
+            else:
+                return
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def measure(method, net, frameworks, rounds, steps, threads):
+    ctx = multiprocessing.get_context("spawn")
+    procs = {}
+    for fw in frameworks:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=worker, args=(child, fw, method, net, threads), daemon=True)
+        p.start()
+        procs[fw] = (p, parent)
+    results = {}
+    try:
+        ready = {}
+        for fw, (p, conn) in procs.items():
+            kind, value = conn.recv()
+            if kind == "error":
+                results[fw] = {"error": value}
+            else:
+                ready[fw] = conn
+        times = {fw: [] for fw in ready}
+        for _ in range(rounds):
+            for fw, conn in ready.items():  # one process works at a time
+                conn.send(("run", steps))
+                kind, value = conn.recv()
+                if kind == "error":
+                    raise RuntimeError(f"{fw} {method}: {value}")
+                times[fw].append(value)
+        for fw, conn in ready.items():
+            conn.send(("rss",))
+            rss = conn.recv()[1]
+            results[fw] = {"ms": 1000 * statistics.median(times[fw]), "min_ms": 1000 * min(times[fw]),
+                           "max_ms": 1000 * max(times[fw]), "rss_mb": rss}
+    finally:
+        for p, conn in procs.values():
+            try:
+                conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default="demo,resnet50", help=f"comma-separated: {', '.join(NETS)}")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=0, help="steps per round (0: 4 for demo, 1 for resnet50)")
+    parser.add_argument("--resnet50_batch", type=int, default=NETS["resnet50"]["batch"])
+    parser.add_argument("--intra_op", type=int, default=0, help="TF intra-op threads (0: TensorFlow's default)")
+    parser.add_argument("--inter_op", type=int, default=0, help="TF inter-op threads (0: TensorFlow's default)")
+    parser.add_argument("--jit_compile", action="store_true", help="compile cmsf_tf's step with XLA")
+    parser.add_argument("--no_torch", action="store_true")
+    parser.add_argument("--json", default="", help="append the JSON line to this file")
+    parser.add_argument("--quick", action="store_true", help="the tiny network, one round of one step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.nets, args.rounds, args.steps = "tiny", 1, 1
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # inherited by the workers
+    NETS["resnet50"]["batch"] = args.resnet50_batch
+    frameworks = ["cmsf_tf"]
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+            frameworks.append("pytorch")
+        except ImportError:
+            print("PyTorch is not installed (pip install -r requirements-bench.txt): cmsf_tf alone")
+    threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
+    rows = []
+    for net_name in args.nets.split(","):
+        net = NETS[net_name]
+        steps = args.steps or (4 if net_name == "demo" else 1)
+        print(f"\n{net_name}: {net['arch']} width {net['width']}, {net['image_size']} px, batch {net['batch']}, "
+              f"bank {net['bank_size']:,}; median of {args.rounds} rounds of {steps} step(s)")
+        print(f"{'method':12s} {'framework':9s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
+              f"{'vs torch':>9s} {'RSS MB':>7s}")
+        byol = {}
+        for method in args.methods.split(","):
+            res = measure(method, net, frameworks, args.rounds, steps, threads)
+            for fw in frameworks:
+                r = res.get(fw, {"error": "no result"})
+                row = {"net": net_name, "method": method, "framework": fw, **{k: (round(v, 2) if isinstance(v, float)
+                                                                                   else v) for k, v in r.items()}}
+                if "ms" in r:
+                    row["images_per_s"] = round(net["batch"] / (r["ms"] / 1000), 1)
+                    if method == "byol":
+                        byol[fw] = r["ms"]
+                    if fw in byol:
+                        row["vs_byol"] = round(r["ms"] / byol[fw], 3)
+                    if fw == "cmsf_tf" and "ms" in res.get("pytorch", {}):
+                        row["vs_torch"] = round(r["ms"] / res["pytorch"]["ms"], 3)
+                    print(f"{method:12s} {fw:9s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
+                          f"{row['images_per_s']:7.1f} {row.get('vs_byol', float('nan')):8.3f} "
+                          f"{row.get('vs_torch', float('nan')):9.3f} {r['rss_mb']:7.0f}")
+                else:
+                    print(f"{method:12s} {fw:9s} failed: {r['error']}")
+                rows.append(row)
+    return benchlib.emit_json("bench_step", rows, args.json, settings=vars(args),
+                              versions=benchlib.versions("tensorflow", "keras", "torch"))
+
+
+if __name__ == "__main__":
+    main()
