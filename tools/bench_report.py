@@ -10,14 +10,25 @@ import json
 import re
 
 
-def latest(path):
-    runs = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
+def latest(*paths):
+    """{tool: newest record}; bench_step records of different --nets are merged (newest per net)."""
+    runs, step_by_net = {}, {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
                 record = json.loads(line)
                 runs[record["tool"]] = record
+                if record["tool"] == "bench_step":
+                    for row in record["rows"]:
+                        step_by_net.setdefault(row["net"], {}).setdefault(record["time"], []).append(row)
+    if step_by_net:
+        rows = []
+        for by_time in step_by_net.values():
+            rows += by_time[max(by_time)]
+        runs["bench_step"] = dict(runs["bench_step"], rows=rows)
     return runs
 
 
@@ -60,10 +71,10 @@ def render(runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default="bench/results.json")
+    parser.add_argument("--results", default="bench/results.json", help="comma-separated JSON-lines files")
     parser.add_argument("--readme", default="")
     args = parser.parse_args()
-    text = render(latest(args.results))
+    text = render(latest(*args.results.split(",")))
     print(text)
     if args.readme:
         with open(args.readme) as f:
