@@ -173,15 +173,12 @@ def parse(argv=None):
     parser.add_argument("--kprime", type=int, default=5)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--clusters", type=int, default=50_000, help="km: k-means clusters (paper: 50,000)")
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--constraints", default=",".join(CONSTRAINTS))
     parser.add_argument("--no_grad", dest="grad", action="store_false",
                         help="forward only: leave out the loss's gradient with respect to the queries")
     parser.add_argument("--xla", action="store_true", help="also time cmsf_tf with jit_compile=True")
-    parser.add_argument("--no_torch", action="store_true")
-    parser.add_argument("--json", default="", help="append the JSON line to this file")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
+    benchlib.add_common_args(parser, quick_help="tiny sizes, one round (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.bank, args.dim, args.classes, args.clusters, args.rounds = 16, 512, 32, 10, 50, 1
@@ -193,13 +190,9 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     data = make_data(args)
     threads = benchlib.machine()["cores"]
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(threads)
-        except ImportError:
-            print("PyTorch is not installed (pip install -r requirements-bench.txt): cmsf_tf alone")
+    torch = benchlib.optional_torch(args.no_torch)
+    if torch:
+        torch.set_num_threads(threads)
     print(f"neighbour step{'' if args.grad else ' (forward only)'}: B {args.batch}, bank {args.bank:,} x {args.dim}, k {args.k}, k' {args.kprime}, "
           f"{args.classes:,} classes, {args.clusters:,} clusters; median of {args.rounds} alternating rounds, "
           f"{threads} threads")

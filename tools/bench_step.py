@@ -18,7 +18,6 @@ import argparse
 import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -81,9 +80,8 @@ def tf_step(method, net, threads):
     if method == "cmsf_km":  # clusters as after the first epoch end, so the constraint is active
         rng = np.random.default_rng(1)
         model.cluster_ids.assign(rng.integers(0, net["num_clusters"], net["num_images"]).astype(np.int32))
-    batch = {k: v for k, v in fixed_batch(net).items() if method != "xent" or k not in ("strong", "third")}
-    if method != "cmsf_2q":
-        batch.pop("third", None)
+    unused = ({"third"} if method != "cmsf_2q" else set()) | ({"strong"} if method == "xent" else set())
+    batch = {k: v for k, v in fixed_batch(net).items() if k not in unused}
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
     model.make_train_function()
     train_function = model.train_function
@@ -118,9 +116,7 @@ def torch_step(method, net, threads):
 
 def worker(conn, framework, method, net, threads):
     """A process holding one step: answers ("run", steps) with seconds, ("rss",) with peak RSS in MB."""
-    try:
-        sys.path.insert(0, ROOT)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:  # (spawn re-runs this module's top level in the child, so sys.path already holds ROOT and tools/)
         run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
         conn.send(("ready", None))
@@ -166,8 +162,8 @@ def measure(method, net, frameworks, rounds, steps, threads):
         for fw, conn in ready.items():
             conn.send(("rss",))
             rss = conn.recv()[1]
-            results[fw] = {"ms": 1000 * statistics.median(times[fw]), "min_ms": 1000 * min(times[fw]),
-                           "max_ms": 1000 * max(times[fw]), "rss_mb": rss}
+            fastest, slowest = benchlib.spread_ms(times[fw])
+            results[fw] = {"ms": benchlib.median_ms(times[fw]), "min_ms": fastest, "max_ms": slowest, "rss_mb": rss}
     finally:
         for p, conn in procs.values():
             try:
@@ -184,15 +180,12 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="demo,resnet50", help=f"comma-separated: {', '.join(NETS)}")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=0, help="steps per round (0: 4 for demo, 1 for resnet50)")
     parser.add_argument("--resnet50_batch", type=int, default=NETS["resnet50"]["batch"])
     parser.add_argument("--intra_op", type=int, default=0, help="TF intra-op threads (0: TensorFlow's default)")
     parser.add_argument("--inter_op", type=int, default=0, help="TF inter-op threads (0: TensorFlow's default)")
     parser.add_argument("--jit_compile", action="store_true", help="compile cmsf_tf's step with XLA")
-    parser.add_argument("--no_torch", action="store_true")
-    parser.add_argument("--json", default="", help="append the JSON line to this file")
-    parser.add_argument("--quick", action="store_true", help="the tiny network, one round of one step")
+    benchlib.add_common_args(parser, quick_help="the tiny network, one round of one step")
     args = parser.parse_args(argv)
     if args.quick:
         args.nets, args.rounds, args.steps = "tiny", 1, 1
@@ -203,13 +196,7 @@ def main(argv=None):
     args = parse(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # inherited by the workers
     NETS["resnet50"]["batch"] = args.resnet50_batch
-    frameworks = ["cmsf_tf"]
-    if not args.no_torch:
-        try:
-            import torch  # noqa: F401
-            frameworks.append("pytorch")
-        except ImportError:
-            print("PyTorch is not installed (pip install -r requirements-bench.txt): cmsf_tf alone")
+    frameworks = ["cmsf_tf"] + (["pytorch"] if benchlib.optional_torch(args.no_torch) else [])
     threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
     rows = []
     for net_name in args.nets.split(","):

@@ -26,6 +26,26 @@ def machine():
     return {"cpu": model, "cores": cores, "python": platform.python_version()}
 
 
+def add_common_args(parser, quick_help):
+    """The options every side-by-side benchmark takes."""
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no_torch", action="store_true")
+    parser.add_argument("--json", default="", help="append the JSON line to this file")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def optional_torch(no_torch):
+    """The torch module, or None (with a line saying why) when it is not wanted or not installed."""
+    if no_torch:
+        return None
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch is not installed (pip install -r requirements-bench.txt): cmsf_tf alone")
+        return None
+    return torch
+
+
 def versions(*modules):
     out = {}
     for name in modules:
