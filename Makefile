@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test data deps bench bench-deps clean-venv
+.PHONY: demo test data deps bench bench-deps reproduce clean-venv
 
 demo: deps data
 	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg --model_dir=runs/demo
@@ -25,6 +25,12 @@ bench: deps bench-deps
 	$(PY) tools/bench_kmeans.py
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000
 	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
+
+# The Fashion-MNIST study behind the README's learning-quality tables: every method, several seeds
+# (hours of CPU; resumable: run it again to continue). Writes results/fmnist/. Needs matplotlib.
+reproduce: deps data
+	$(PY) -m pip install -q matplotlib
+	$(PY) tools/reproduce_small.py
 
 bench-deps: deps
 	$(PY) -m pip install -q -r requirements-bench.txt

@@ -102,6 +102,11 @@ flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (bit-exact resum
 flags.DEFINE_bool("knn_eval", True, "Evaluate 1-NN and 20-NN on the test split at the end into result.json.")
 flags.DEFINE_bool("knn_baselines", False, "Also report k-NN of the untrained network and of raw pixels.")
 flags.DEFINE_integer("eval_batch_size", 512, "Batch size of feature extraction.")
+flags.DEFINE_integer("knn_every", 0, "Every this many epochs (and after the last), 1-NN and 20-NN top-1 of the online "
+                     "backbone on a fixed subset of the test split, into TensorBoard eval/knn_* and "
+                     "knn_curve.jsonl (0: never).")
+flags.DEFINE_integer("knn_every_queries", 2000, "--knn_every: test images evaluated (evenly spaced; 0: all).")
+flags.DEFINE_integer("knn_every_index", 0, "--knn_every: training images in the index (evenly spaced; 0: all).")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -164,6 +169,9 @@ class Config:
     knn_eval: bool
     knn_baselines: bool
     eval_batch_size: int
+    knn_every: int
+    knn_every_queries: int
+    knn_every_index: int
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -236,7 +244,7 @@ def validate(cfg):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("steps_per_epoch", "checkpoint_steps", "stop_after_steps", "log_steps", "warmup_epochs",
-                 "proj_hidden", "proj_dim"):
+                 "proj_hidden", "proj_dim", "knn_every", "knn_every_queries", "knn_every_index"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if not cfg.learning_rate > 0:

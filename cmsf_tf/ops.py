@@ -86,6 +86,14 @@ def nearest_among_from_sims(sims, candidates, k):
     return tf.gather(candidates, order, batch_dims=1)
 
 
+def ranks_in_order(sims, indices):
+    """float32 [B, k]: the 0-based rank of each chosen bank row `indices[b, j]` in row b's unconstrained
+    order (the number of rows strictly more similar). Neighbours a constraint brings in from beyond the
+    plain top-k ("distant yet related", the paper's analysis) rank >= k. Costs B x k x K comparisons."""
+    chosen = tf.gather(sims, tf.cast(indices, tf.int32), batch_dims=1)  # [B, k]
+    return tf.reduce_sum(tf.cast(sims[:, None, :] > chosen[:, :, None], tf.float32), axis=-1)
+
+
 def mean_shift_loss(queries, bank, indices):
     """Scalar: mean over b and k of 2 - 2 <q_b, bank[indices[b, k]]>.
 

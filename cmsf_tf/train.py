@@ -316,7 +316,16 @@ def run(cfg, log=print):
                                             log=log, weight_decay=cfg.pseudo_weight_decay))
     callbacks.append(saver)
     if chief:
-        callbacks.append(ScalarSummaries(os.path.join(cfg.model_dir, "tensorboard"), cfg.log_steps, cfg.batch_size))
+        from cmsf_tf.callbacks import monitor
+
+        logdir = os.path.join(cfg.model_dir, "tensorboard")
+        if cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
+            callbacks.append(monitor.KnnMonitor(
+                cfg.knn_every, source, cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
+                queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
+                curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log))
+        callbacks.append(monitor.RankHistograms(logdir, os.path.join(cfg.model_dir, monitor.RANK_HISTOGRAMS)))
+        callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
 
     train_started, first_step = time.time(), step
     with stop_signals(saver, log):
@@ -341,6 +350,11 @@ def run(cfg, log=print):
 
     if cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
+    from cmsf_tf.callbacks import monitor
+
+    curve = monitor.read_jsonl(os.path.join(cfg.model_dir, monitor.KNN_CURVE))
+    if curve:
+        result["knn_curve"] = curve
     if cfg.knn_baselines:
         with strategy.scope():
             untrained = build_model(cfg, sync_bn=False, num_images=source.num_train, num_classes=source.num_classes)

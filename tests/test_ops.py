@@ -171,3 +171,27 @@ def test_pseudo_query_labels_follow_the_rule_against_numpy():
     assert is_labelled.any() and (want[~is_labelled] >= 0).any() and (want == -1).any()
     # A labelled example keeps its label even when the head is confidently wrong.
     assert np.any(is_labelled & (probs.argmax(1) != labels) & (probs.max(1) >= 0.85))
+
+
+def test_ranks_in_order_match_numpy_argsort():
+    rng = np.random.default_rng(3)
+    sims = rng.normal(size=(6, 50)).astype(np.float32)  # continuous: no ties
+    chosen = np.stack([rng.choice(50, size=4, replace=False) for _ in range(6)])
+    order = np.argsort(-sims, axis=1)
+    expected = np.array([[np.flatnonzero(order[b] == j)[0] for j in chosen[b]] for b in range(6)])
+    np.testing.assert_array_equal(ops.ranks_in_order(tf.constant(sims), tf.constant(chosen)).numpy(), expected)
+    # The plain top-k ranks 0..k-1.
+    top = ops.top_k_indices(tf.constant(sims), 4)
+    np.testing.assert_array_equal(ops.ranks_in_order(tf.constant(sims), top).numpy(), np.tile(np.arange(4), (6, 1)))
+
+
+def test_rank_histogram_metric_counts_and_mean():
+    from cmsf_tf.methods.base import RankHistogram
+
+    metric = RankHistogram(bins=8)
+    metric.update_state(tf.constant([[0.0, 1.0], [3.0, 20.0]]))
+    metric.update_state(tf.constant([[1.0, 7.0]]))
+    np.testing.assert_array_equal(metric.counts(), [1, 2, 0, 1, 0, 0, 0, 2])  # 7 and 20 share the last bin
+    assert float(metric.result()) == pytest.approx((0 + 1 + 3 + 20 + 1 + 7) / 6)
+    metric.reset_state()
+    assert metric.counts().sum() == 0 and float(metric.result()) == 0.0

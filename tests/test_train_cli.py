@@ -361,6 +361,19 @@ def test_cmsf_km_and_2q_log_their_metrics_to_tensorboard(tmp_path, fmnist_slice)
         else:
             ranks = [float(tf.make_ndarray(e.tensor_proto)) for e in tags["train/constrained_rank"]]
             assert all(r >= 0 for r in ranks)
+        # The epoch's rank histogram: one record and one TensorBoard histogram per epoch, 2 steps x 32
+        # queries x 3 neighbours counted each, whose mean is the epoch's constrained_rank.
+        records = [json.loads(line) for line in (model_dir / "constrained_ranks.jsonl").read_text().splitlines()]
+        assert [(r["epoch"], r["step"]) for r in records] == [(1, 2), (2, 4)]
+        for record, logged in zip(records, tags["epoch/constrained_rank"]):
+            counts = np.array(record["counts"])
+            assert counts.sum() == 2 * 32 * 3
+            assert np.isclose((counts * np.arange(len(counts))).sum() / counts.sum(),
+                              float(tf.make_ndarray(logged.tensor_proto)), atol=1e-4)
+        histograms = tags["constraint/rank_histogram"]
+        assert [e.step for e in histograms] == [2, 4]  # keyed by the global step
+        buckets = tf.make_ndarray(histograms[-1].tensor_proto)  # [bucket, (left, right, count)]
+        assert buckets[:, 2].sum() == 2 * 32 * 3
 
 
 def test_pseudo_label_rounds_fire_at_mid_epoch_and_epoch_end(tmp_path, fmnist_slice):
@@ -398,3 +411,34 @@ def test_semi10_fmnist_recipe_runs_through_the_cli(tmp_path, fmnist_slice):
 def test_cmsf_pseudo_without_a_label_split_is_refused(tmp_path, fmnist_slice):
     out = train(f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path}", "--method=cmsf_pseudo")
     assert_one_sentence_error(out, "--method=cmsf_pseudo needs --label_split")
+
+
+def test_knn_every_writes_a_curve_that_a_resumed_run_continues(tmp_path, fmnist_slice):
+    """--knn_every: k-NN on a fixed test subset at the chosen epochs and the last, into knn_curve.jsonl,
+    TensorBoard eval/knn_* at the global step and result.json; the last point is the final k-NN when the
+    subsets are whole; a run stopped at an epoch end measures that epoch when it resumes."""
+    model_dir = tmp_path / "run"
+    flags = [f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=3", "--steps_per_epoch=2",
+             "--knn_every=2", "--knn_every_queries=0"]
+    out = train(*flags, "--stop_after_steps=4", "--checkpoint_steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    curve = [json.loads(line) for line in (model_dir / "knn_curve.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["queries"], r["index"]) for r in curve] == [(2, 4, 256, 512)]
+    (model_dir / "knn_curve.jsonl").write_text("")  # as if killed before the epoch-2 evaluation was written
+    out = train(*flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "epoch 2: k-NN top-1" in out.stdout + out.stderr  # measured again on resume
+    result = json.loads((model_dir / "result.json").read_text())
+    assert [(r["epoch"], r["step"]) for r in result["knn_curve"]] == [(2, 4), (3, 6)]
+    last = result["knn_curve"][-1]
+    assert (last["knn_top1_k1"], last["knn_top1_k20"]) == (result["knn_top1_k1"], result["knn_top1_k20"])
+    acc = read_events(str(model_dir / "tensorboard"))
+    assert sorted({e.step for e in acc.Tensors("eval/knn_top1_k20")}) == [4, 6]  # step 4 twice: measured again
+    assert float(tf.make_ndarray(acc.Tensors("eval/knn_top1_k1")[-1].tensor_proto)) == pytest.approx(result["knn_top1_k1"])
+    # Subsets: every 2nd of the 256 test and 512 training images (evenly spaced, the same every time).
+    sub = tmp_path / "sub"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={sub}", "--epochs=1", "--steps_per_epoch=1",
+                "--knn_every=1", "--knn_every_queries=100", "--knn_every_index=200")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (sub / "knn_curve.jsonl").read_text().splitlines()]
+    assert (record["queries"], record["index"]) == (128, 256)

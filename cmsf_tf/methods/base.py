@@ -10,7 +10,8 @@ projector), the memory bank, the metrics and the train-step skeleton:
 A method overrides `neighbour_sets` (its constraint) and, where it needs them, `bank_labels`,
 `write_state` (per-image state written with the gathered batch) and `extra_metrics`. When a method
 returns two neighbour sets (constrained first, unconstrained second), `purity` is measured on the
-first and `purity_unconstrained` on the second.
+first and `purity_unconstrained` on the second, and `constrained_rank` (a RankHistogram) tracks where
+the constrained neighbours stand in the unconstrained order.
 """
 
 import keras
@@ -67,6 +68,36 @@ class TrainingPlumbing:
         return logs
 
 
+# Queries of each replica batch whose constrained neighbours are ranked in the unconstrained order
+# (ranking costs B x k x K comparisons; a sample keeps the metric cheap).
+RANK_SAMPLE = 32
+
+
+class RankHistogram(keras.metrics.Metric):
+    """Counts of the constrained neighbours' 0-based ranks in the unconstrained order over an epoch
+    (ranks >= bins - 1 share the last bin); `result()` is their mean rank, `counts()` the histogram
+    (summed over replicas: metric variables are on-read sums)."""
+
+    def __init__(self, bins=1024, name="constrained_rank", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.bins = int(bins)
+        self.histogram = self.add_variable(shape=(self.bins,), initializer="zeros", dtype="float32", name="histogram")
+        self.rank_sum = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="rank_sum")
+
+    def update_state(self, ranks):
+        ranks = tf.reshape(tf.cast(ranks, tf.float32), [-1])
+        self.rank_sum.assign_add(tf.reduce_sum(ranks))
+        bins = tf.minimum(tf.cast(ranks, tf.int32), self.bins - 1)
+        self.histogram.assign_add(tf.math.bincount(bins, minlength=self.bins, maxlength=self.bins, dtype=tf.float32))
+
+    def result(self):
+        return self.rank_sum / tf.maximum(tf.reduce_sum(self.histogram), 1.0)
+
+    def counts(self):
+        """int64 NumPy [bins] of this epoch so far."""
+        return tf.cast(tf.convert_to_tensor(self.histogram), tf.int64).numpy()
+
+
 class MeanShift(TrainingPlumbing, keras.Model):
     def __init__(self, *, arch, image_size, channels=3, width=64, proj_hidden=0, proj_dim=0,
                  bank_size=128000, topk=5, ema_momentum=0.99, weight_decay=1e-4, sync_bn=False,
@@ -96,6 +127,7 @@ class MeanShift(TrainingPlumbing, keras.Model):
         self.purity_tracker = keras.metrics.Mean(name="purity")
         self.label_purity_tracker = keras.metrics.Mean(name="label_purity")
         self.unconstrained_purity_tracker = keras.metrics.Mean(name="purity_unconstrained")
+        self.rank_tracker = RankHistogram(name="constrained_rank")
         self.extra_trackers = {name: keras.metrics.Mean(name=name) for name in self.extra_metric_names}
         self._copy_online_to_target()
         self.built = True  # every weight exists now; custom-train_step models are otherwise never marked built
@@ -127,7 +159,7 @@ class MeanShift(TrainingPlumbing, keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker, self.purity_tracker, self.label_purity_tracker,
-                self.unconstrained_purity_tracker, *self.extra_trackers.values()]
+                self.unconstrained_purity_tracker, self.rank_tracker, *self.extra_trackers.values()]
 
     # ----- forward passes -----
     def call(self, images, training=False):
@@ -211,6 +243,8 @@ class MeanShift(TrainingPlumbing, keras.Model):
             self.unconstrained_purity_tracker.update_state(
                 ops.purity(batch["true_label"], tf.convert_to_tensor(self.bank.true_labels), sets[-1][1]))
             logs["purity_unconstrained"] = self.unconstrained_purity_tracker.result()
+            self.rank_tracker.update_state(ops.ranks_in_order(sims[:RANK_SAMPLE], sets[0][1][:RANK_SAMPLE]))
+            logs["constrained_rank"] = self.rank_tracker.result()
         for name, value in self.extra_metrics(batch, targets, sims, sets).items():
             self.extra_trackers[name].update_state(value)
             logs[name] = self.extra_trackers[name].result()

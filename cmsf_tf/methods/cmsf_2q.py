@@ -21,14 +21,7 @@ from cmsf_tf import ops
 from cmsf_tf.memory import ImagePool, MemoryBank
 from cmsf_tf.methods.base import MeanShift
 
-# Queries of each replica batch whose constrained neighbours are ranked in the unconstrained order
-# (ranking costs B x k x K comparisons; a sample keeps the metric cheap).
-RANK_SAMPLE = 32
-
-
 class CMSF2Q(MeanShift):
-    extra_metric_names = ("constrained_rank",)
-
     def __init__(self, *, num_images, topk_prime=5, pool_dtype="float32", third_view=False, **kwargs):
         super().__init__(**kwargs)
         if topk_prime < self.topk:
@@ -62,11 +55,3 @@ class CMSF2Q(MeanShift):
                                             self.topk_prime)
         constrained = ops.nearest_among_from_sims(sims, candidates, self.topk)
         return [(0.5, constrained), (0.5, ops.top_k_indices(sims, self.topk))]
-
-    def extra_metrics(self, batch, targets, sims, sets):
-        """Mean 0-based rank of the constrained neighbours in the unconstrained order: "distant yet
-        related" neighbours rank beyond k - 1."""
-        sample = sims[:RANK_SAMPLE]
-        chosen = tf.gather(sample, sets[0][1][:RANK_SAMPLE], batch_dims=1)  # [b, k]
-        ranks = tf.reduce_sum(tf.cast(sample[:, None, :] > chosen[:, :, None], tf.float32), axis=-1)
-        return {"constrained_rank": tf.reduce_mean(ranks)}

@@ -1,0 +1,152 @@
+"""Learning curves during training: per-epoch k-NN accuracy and the constrained neighbours' ranks.
+
+Both keep a JSON-lines record in --model_dir next to their TensorBoard summaries, so a study can plot
+them without reading event files, and a resumed run appends to the curve it had.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cmsf_tf.callbacks.checkpoint import global_step
+
+KNN_CURVE = "knn_curve.jsonl"
+RANK_HISTOGRAMS = "constrained_ranks.jsonl"
+
+
+def read_jsonl(path, key="epoch"):
+    """The records of a JSON-lines file, the last one per `key` (a resumed run may repeat an epoch), in
+    `key` order; [] when the file does not exist. A torn last line (a kill mid-write) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    records = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            records[record[key]] = record
+    return [records[k] for k in sorted(records)]
+
+
+def _append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evenly_spaced(count, wanted):
+    """A keep-function (index, label, name) -> bool for pipeline.eval_split choosing about `wanted` of
+    `count` examples, evenly spaced by index (0 or >= count: all). Fixed, so every epoch's k-NN is
+    measured on the same images."""
+    stride = max(count // wanted, 1) if 0 < wanted < count else 1
+    if stride == 1:
+        return None
+    return lambda index, label, name: tf.equal(index % stride, 0)
+
+
+class KnnMonitor(keras.callbacks.Callback):
+    """Every `every` epochs and after the last one: 1-NN and 20-NN top-1 (majority vote, as the final
+    evaluation) of the online backbone in inference mode, the queries a fixed, evenly spaced subset of
+    the test split and the index the training split (or an evenly spaced subset). Written to TensorBoard
+    as eval/knn_top1_k1 and eval/knn_top1_k20 at the global step, to `curve_path` (JSON lines) and to
+    the epoch logs. Run it on the chief only, after the checkpoint saver (a kill during the
+    evaluation loses no training); a resumed run measures its last epoch if the curve lacks it."""
+
+    def __init__(self, every, source, image_size, batch_size, steps_per_epoch, total_epochs, queries=2000, index=0,
+                 logdir=None, curve_path=None, log=print):
+        super().__init__()
+        self.every, self.steps_per_epoch, self.total_epochs = int(every), int(steps_per_epoch), int(total_epochs)
+        self.source, self.image_size, self.batch_size = source, image_size, batch_size
+        self.queries, self.index = int(queries), int(index)
+        self.writer = tf.summary.create_file_writer(logdir) if logdir else None
+        self.curve_path = curve_path
+        self.log = log
+        self._features = None
+
+    def due(self, epochs_done):
+        return epochs_done > 0 and (epochs_done % self.every == 0 or epochs_done == self.total_epochs)
+
+    def measure(self):
+        """{knn_top1_k1, knn_top1_k20, queries, index, seconds} of the current online backbone."""
+        from cmsf_tf.data import pipeline
+        from cmsf_tf.eval import knn
+
+        started = time.time()
+        if self._features is None:
+            backbone = self.model.online_backbone
+            self._features = tf.function(lambda images: backbone(images, training=False))
+        index_keep = evenly_spaced(self.source.num_train, self.index)
+        query_keep = evenly_spaced(self.source.num_test, self.queries)
+        index_feats, index_labels = knn.features_and_labels(self._features, pipeline.eval_split(
+            self.source, "train", self.image_size, self.batch_size, keep=index_keep))
+        query_feats, query_labels = knn.features_and_labels(self._features, pipeline.eval_split(
+            self.source, "test", self.image_size, self.batch_size, keep=query_keep))
+        ks = tuple(k for k in (1, 20) if k <= len(index_feats))
+        result = knn.knn_accuracy(index_feats, index_labels, query_feats, query_labels, ks=ks,
+                                  num_classes=self.source.num_classes)
+        result.update(queries=len(query_labels), index=len(index_labels), seconds=round(time.time() - started, 1))
+        return result
+
+    def record(self, epochs_done, logs=None):
+        step = global_step(self.model)
+        result = self.measure()
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                for key in ("knn_top1_k1", "knn_top1_k20"):
+                    if key in result:
+                        tf.summary.scalar(f"eval/{key}", result[key])
+            self.writer.flush()
+        if self.curve_path:
+            _append_jsonl(self.curve_path, {"epoch": epochs_done, "step": step, **result})
+        if logs is not None:
+            logs.update({key: value for key, value in result.items() if key.startswith("knn_top1")})
+        accuracies = "  ".join(f"{k.rsplit('_k', 1)[1]}-NN {100 * v:.1f}%" for k, v in result.items()
+                               if k.startswith("knn_top1"))
+        self.log(f"epoch {epochs_done}: k-NN top-1 {accuracies} ({result['queries']:,} test images, "
+                 f"{result['index']:,} in the index, {result['seconds']:.0f} s)")
+
+    def on_train_begin(self, logs=None):
+        step = global_step(self.model)
+        if step == 0 or step % self.steps_per_epoch:
+            return
+        epochs_done = step // self.steps_per_epoch
+        measured = {r["epoch"] for r in read_jsonl(self.curve_path)} if self.curve_path else set()
+        if self.due(epochs_done) and epochs_done not in measured:
+            self.record(epochs_done)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.due(epoch + 1):
+            self.record(epoch + 1, logs)
+
+
+class RankHistograms(keras.callbacks.Callback):
+    """At every epoch end, the histogram of the constrained neighbours' ranks in the unconstrained order
+    that the model's `rank_tracker` (methods.base.RankHistogram) counted over the epoch: TensorBoard
+    histogram constraint/rank_histogram at the global step, and one JSON line {epoch, step, counts} (counts
+    per rank 0, 1, ...; the last bin holds every rank beyond it). Nothing for methods without a
+    constraint."""
+
+    def __init__(self, logdir=None, path=None):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(logdir) if logdir else None
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        tracker = getattr(self.model, "rank_tracker", None)
+        counts = tracker.counts() if tracker is not None else np.zeros(0, np.int64)
+        if counts.sum() == 0:
+            return
+        step = global_step(self.model)
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                tf.summary.histogram("constraint/rank_histogram", np.repeat(np.arange(len(counts)), counts).astype(np.float32),
+                                     buckets=64)
+            self.writer.flush()
+        if self.path:
+            last = int(np.flatnonzero(counts).max()) + 1
+            _append_jsonl(self.path, {"epoch": epoch + 1, "step": step, "counts": counts[:last].tolist()})

@@ -1,0 +1,68 @@
+"""tools/reproduce_small.py --quick on a slice of the real Fashion-MNIST: every row trains a few steps
+and is evaluated; the per-run JSONs, summary.md and the plot are written; a second call trains nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "reproduce_small.py")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import reproduce_small  # noqa: E402
+
+
+def study(tmp_path, data_dir, *args):
+    out = subprocess.run([sys.executable, TOOL, "--quick", f"--out={tmp_path / 'out'}", f"--runs={tmp_path / 'runs'}",
+                          f"--data_dir={data_dir}", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (
+        (tmp_path / "runs" / "quick.log").read_text()[-3000:] if (tmp_path / "runs" / "quick.log").exists() else "")
+    return out.stdout
+
+
+def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_slice):
+    study(tmp_path, fmnist_slice)
+    out = tmp_path / "out"
+    for row in reproduce_small.ROWS:
+        record = json.loads((out / f"{row}_s0.json").read_text())
+        assert record["row"] == row and record["seed"] == 0 and record["epochs"] == 2
+        for key in ("knn_top1_k1", "knn_top1_k20", "linear_top1", "knn10_top1_k1"):
+            assert 0.0 <= record[key] <= 1.0, (row, key)
+        assert record["knn10_index_size"] == 51  # percent:10 of the 512-image slice
+        assert record["train_wall_time_s"] > 0 and record["train_images_per_s"] > 0
+        assert record["commands"]["train"].startswith("python -m cmsf_tf.train --flagfile=flags/fmnist_")
+        # The per-epoch k-NN curve ends at the final k-NN when the subsets are whole.
+        assert [point[0] for point in record["knn_curve"]] == [1, 2]
+        assert ("semi10_top1" in record) == (row in reproduce_small.SEMI_ROWS)
+        assert ("rank_histograms" in record) == (row in ("cmsf_2q", "cmsf_km", "cmsf_pseudo"))
+        assert [e for e, _ in record["epoch_logs"]["loss"]] == [1, 2]
+    noisy = json.loads((out / "xent_noise25_s0.json").read_text())
+    assert "--label_noise=25" in noisy["commands"]["train"]
+    summary = (out / "summary.md").read_text()
+    for row in reproduce_small.ROWS:
+        assert f"| {row} |" in summary
+    for _, _, _, claim in reproduce_small.ORDERINGS:
+        assert claim in summary
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Resumable: a finished run is skipped; a run whose JSON is missing is collected again without training.
+    result = tmp_path / "runs" / "msf_s0" / "result.json"
+    before = result.stat().st_mtime_ns
+    (out / "msf_s0.json").unlink()
+    printed = study(tmp_path, fmnist_slice)
+    assert "msf_s0: 20-NN" in printed and "byol_s0" not in printed
+    assert result.stat().st_mtime_ns == before
+    assert json.loads((out / "msf_s0.json").read_text())["knn_top1_k20"] == json.loads(result.read_text())["knn_top1_k20"]
+
+
+def test_ordering_verdicts_against_the_seed_spread():
+    rows = {"a": [{"m": 0.90}, {"m": 0.92}], "b": [{"m": 0.85}, {"m": 0.86}], "c": [{"m": 0.905}, {"m": 0.915}]}
+    text, gap = reproduce_small.ordering_verdict("a", "b", "m", rows)
+    assert text.startswith("holds") and "beyond twice the seed spread" in text and abs(gap - 5.5) < 1e-9
+    text, gap = reproduce_small.ordering_verdict("c", "a", "m", rows)
+    assert "not resolved" in text and abs(gap) < 1e-9
+    text, _ = reproduce_small.ordering_verdict("b", "a", "m", rows)
+    assert text.startswith("does not hold")
+    assert reproduce_small.ordering_verdict("a", "missing", "m", rows)[0] == "not measured yet"

@@ -1,0 +1,461 @@
+"""The paper's comparisons at small scale: every method on Fashion-MNIST, several seeds, one evaluation.
+
+  python tools/reproduce_small.py            # the study: hours of CPU; run it again to continue it
+  make reproduce                             # the same
+  python tools/reproduce_small.py --quick --out=/tmp/study --runs=/tmp/study/runs   # a few steps per method
+
+Each row (a method, or a method under 25% label noise) trains with its recipe flags/fmnist_<...>.cfg and
+the seeds of ROWS, one worker process per run (a crash costs that run only). A run trains through
+cmsf_tf.train (resumable from its checkpoints: a killed study continues mid-run), then is evaluated the
+same way as every other run, with the commands recorded in its JSON:
+
+  knn_top1_k1 / knn_top1_k20   1-NN and 20-NN over the training set (the run's own final k-NN)
+  linear_top1                  the paper's linear probe (40 epochs, SGD lr 0.01, drops at 15/30, best epoch)
+                               on cached centre-crop features (--nolinear_augment: the crops cost 13 minutes
+                               a run on 2 cores); linear_top1_last is the last epoch
+  knn10_top1_k1                1-NN with the 10% labelled subset (percent:10, the run's seed) as the index
+  semi10_top1                  the paper's semi-supervised protocol on the 10% subset (frozen backbone,
+                               MLP head, 20 epochs, best epoch), for the rows in SEMI_ROWS
+
+A finished run is written to <out>/<row>_s<seed>.json and skipped afterwards. Then <out>/summary.md
+(tables, the paper's orderings read against the seed spread, diagnostics) and <out>/summary.png
+(k-NN per epoch, final accuracy per seed, histograms of the constrained neighbours' ranks) are rebuilt
+from every JSON there. Raw-pixel floors of the same protocols are in <out>/floors.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# row: (flagfile, extra training flags, seeds). Three seeds for the rows whose ordering is the paper's
+# main claim, two for the others.
+ROWS = {
+    "byol": ("flags/fmnist_byol.cfg", [], 2),
+    "msf": ("flags/fmnist_msf.cfg", [], 3),
+    "cmsf_2q": ("flags/fmnist_cmsf_2q.cfg", [], 3),
+    "cmsf_km": ("flags/fmnist_cmsf_km.cfg", [], 3),
+    "cmsf_pseudo": ("flags/fmnist_pseudo.cfg", [], 2),
+    "cmsf_sup": ("flags/fmnist_sup.cfg", [], 2),
+    "xent": ("flags/fmnist_xent.cfg", [], 2),
+    "cmsf_sup_noise25": ("flags/fmnist_sup.cfg", ["--label_noise=25"], 2),
+    "xent_noise25": ("flags/fmnist_xent.cfg", ["--label_noise=25"], 2),
+}
+SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo")
+LABEL_SPLIT = "percent:10"
+# --quick: the tiny network and a few steps, for a smoke test of the whole tool.
+QUICK_TRAIN = ["--width=4", "--batch_size=32", "--bank_size=128", "--topk=3", "--topk_prime=4", "--proj_hidden=32",
+               "--proj_dim=16", "--epochs=2", "--steps_per_epoch=3", "--num_clusters=8", "--kmeans_iters=2",
+               "--sup_bank_size=64", "--pseudo_epochs=1", "--knn_every_queries=200", "--noknn_baselines"]
+QUICK_EVAL = ["--linear_epochs=2", "--linear_milestones=1", "--semi_epochs=1", "--semi_milestones=1"]
+METRICS = [("knn_top1_k20", "20-NN"), ("knn_top1_k1", "1-NN"), ("linear_top1", "linear"),
+           ("knn10_top1_k1", "1-NN, 10% index"), ("semi10_top1", "semi 10%")]
+# The paper's orderings: (better row, worse row, metric, what the paper says).
+ORDERINGS = [
+    ("cmsf_2q", "msf", "knn_top1_k20", "CMSF-2Q > MSF on k-NN (self-supervised)"),
+    ("cmsf_km", "msf", "knn_top1_k20", "CMSF-KM > MSF on k-NN (self-supervised)"),
+    ("msf", "byol", "knn_top1_k20", "MSF > BYOL on k-NN"),
+    ("cmsf_pseudo", "msf", "semi10_top1", "CMSF-Pseudo (10% labels) > MSF, semi-supervised protocol"),
+    ("cmsf_pseudo", "msf", "knn10_top1_k1", "CMSF-Pseudo (10% labels) > MSF, 1-NN over the labelled 10%"),
+    ("cmsf_sup", "xent", "knn_top1_k20", "supervised CMSF vs cross-entropy on k-NN (clean labels)"),
+    ("cmsf_sup_noise25", "xent_noise25", "knn_top1_k20", "supervised CMSF > cross-entropy on k-NN, 25% noise"),
+]
+
+
+def run_name(row, seed):
+    return f"{row}_s{seed}"
+
+
+def train_args(row, seed, model_dir, data_dir, quick):
+    flagfile, extra, _ = ROWS[row]
+    args = [f"--flagfile={flagfile}", *extra, f"--seed={seed}", f"--model_dir={model_dir}", "--knn_every=1"]
+    if data_dir:
+        args.append(f"--data_dir={data_dir}")
+    return args + (QUICK_TRAIN if quick else [])
+
+
+def eval_commands(row, model_dir, quick):
+    """[(name, protocol, flags)] of the evaluations every run gets (semi: SEMI_ROWS only)."""
+    extra = QUICK_EVAL if quick else []
+    commands = [("linear", "linear", [f"--model_dir={model_dir}", "--nolinear_augment", *extra]),
+                ("knn10", "knn", [f"--model_dir={model_dir}", "--index_split=labelled", f"--label_split={LABEL_SPLIT}",
+                                  "--knn_k=1"])]
+    if ROWS[row][0] and row in SEMI_ROWS:
+        commands.append(("semi10", "semi", [f"--model_dir={model_dir}", f"--label_split={LABEL_SPLIT}", *extra]))
+    return commands
+
+
+# ----- the worker: one run, trained and evaluated in one process -----
+def worker(specs):
+    """Trains (or resumes) each run of `specs` and evaluates it, each step skipped if its output exists;
+    writes <model_dir>/study/<name>.json per evaluation. Flags are parsed exactly as the CLIs parse
+    them. (--quick runs every spec in one process: TensorFlow starts once.)"""
+    sys.path.insert(0, ROOT)
+    os.chdir(ROOT)  # the flagfiles' paths are relative to the checkout
+    import keras
+    from absl import flags
+
+    from cmsf_tf import config, evaluate, train
+
+    config.quiet_tensorflow()
+    FLAGS = flags.FLAGS
+    for spec in specs:
+        keras.backend.clear_session()
+        model_dir = spec["model_dir"]
+        if not os.path.isfile(os.path.join(model_dir, "result.json")):
+            FLAGS.unparse_flags()
+            FLAGS(["cmsf_tf.train", *spec["train"]])
+            train.run(config.from_flags())
+        os.makedirs(os.path.join(model_dir, "study"), exist_ok=True)
+        for name, protocol, args in spec["evals"]:
+            path = os.path.join(model_dir, "study", f"{name}.json")
+            if os.path.isfile(path):
+                continue
+            FLAGS.unparse_flags()
+            FLAGS(["cmsf_tf.evaluate", *args])
+            result = evaluate.evaluate(config.eval_from_flags(protocol))
+            with open(path + ".tmp", "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(path + ".tmp", path)
+
+
+# ----- collecting a finished run -----
+def epoch_logs(logdir):
+    """{tag: [(epoch, value)]} of the epoch/* scalars in a run's TensorBoard directory (the last value
+    per epoch: a resumed run may write one twice)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    import numpy as np
+    import tensorflow as tf
+
+    acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        if tag.startswith("epoch/"):
+            values = {e.step: float(np.asarray(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)}
+            out[tag[len("epoch/"):]] = sorted(values.items())
+    return out
+
+
+def collect(row, seed, model_dir, commands):
+    """The record of a finished run: what the README's tables and the plot are made from."""
+    sys.path.insert(0, ROOT)
+    from cmsf_tf.callbacks import monitor
+
+    with open(os.path.join(model_dir, "result.json")) as f:
+        result = json.load(f)
+    record = {"run": run_name(row, seed), "row": row, "method": result["method"], "seed": seed,
+              "epochs": result["epochs"], "steps": result["steps"],
+              "knn_top1_k1": result["knn_top1_k1"], "knn_top1_k20": result["knn_top1_k20"]}
+    for name in ("linear", "knn10", "semi10"):
+        path = os.path.join(model_dir, "study", f"{name}.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            ev = json.load(f)
+        if name == "knn10":
+            record["knn10_top1_k1"] = ev["knn_top1_k1"]
+            record["knn10_index_size"] = ev["index_size"]
+        else:
+            record[f"{name}_top1"] = ev["top1"]
+            record[f"{name}_top1_last"] = ev.get("top1_last")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    record.update(train_wall_time_s=result.get("wall_time_s"), train_images_per_s=result.get("train_images_per_s"),
+                  commit=commit, commands=commands)
+    record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")]
+                           for r in monitor.read_jsonl(os.path.join(model_dir, monitor.KNN_CURVE))]
+    record["epoch_logs"] = epoch_logs(os.path.join(model_dir, "tensorboard"))
+    ranks = monitor.read_jsonl(os.path.join(model_dir, monitor.RANK_HISTOGRAMS))
+    if ranks:
+        record["rank_histograms"] = {str(r["epoch"]): r["counts"] for r in ranks}
+    return record
+
+
+def floors(data_dir, out):
+    """Raw-pixel floors of the protocols (cosine k-NN on pixels, the linear probe on standardised
+    pixels), computed once into <out>/floors.json."""
+    path = os.path.join(out, "floors.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    sys.path.insert(0, ROOT)
+    import numpy as np
+
+    from cmsf_tf.data import sources, splits
+    from cmsf_tf.eval import knn, linear
+    from cmsf_tf.train import raw_pixel_knn
+
+    source = sources.load("fashion_mnist", data_dir or "")
+    result = {"source": "cosine k-NN and the linear probe (L2-normalised, standardised) on the raw pixels; "
+                        "10% index: the percent:10 split of seed 0", **raw_pixel_knn(source)}
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    train_x = unit(source.train_images.reshape(source.num_train, -1).astype(np.float32))
+    test_x = unit(source.test_images.reshape(len(source.test_images), -1).astype(np.float32))
+    labelled = splits.percent_split(source.train_labels, 10, 0)
+    result["knn10_top1_k1"] = knn.knn_accuracy(train_x[labelled], source.train_labels[labelled], test_x,
+                                               source.test_labels, ks=(1,), num_classes=source.num_classes)["knn_top1_k1"]
+    stats = linear.standardizer(train_x)
+    steps = -(-len(train_x) // 256)
+    batches = linear.cached_batches(linear.standardize(train_x, stats), source.train_labels, 256, 0)
+    per_epoch = []
+    test_z = linear.standardize(test_x, stats)
+    linear.train_probe(batches, train_x.shape[1], source.num_classes, steps, 40, 0.01, 0.9, (15, 30), 1e-4, 0,
+                       lambda *a: None, on_epoch_end=lambda e, h: per_epoch.append(
+                           linear.top_k_accuracy(h.predict(test_z), source.test_labels)["top1"]))
+    result["linear_top1"] = max(per_epoch)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+# ----- the summary -----
+def mean_spread(values):
+    """(mean, spread): spread is the sample standard deviation (0 with one value)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values):
+    mean, spread = mean_spread(values)
+    if mean is None:
+        return "–"
+    n = len([v for v in values if v is not None])
+    return f"{100 * mean:.1f} ± {100 * spread:.1f} ({n})" if n > 1 else f"{100 * mean:.1f} (1)"
+
+
+def by_row(records):
+    rows = {}
+    for r in sorted(records, key=lambda r: (list(ROWS).index(r["row"]) if r["row"] in ROWS else 99, r["seed"])):
+        rows.setdefault(r["row"], []).append(r)
+    return rows
+
+
+def ordering_verdict(better, worse, metric, rows):
+    """One sentence: whether the mean of `better` exceeds `worse` on `metric`, by how much, and whether
+    the gap exceeds the seed spread (the larger standard deviation of the two rows)."""
+    a = [r.get(metric) for r in rows.get(better, [])]
+    b = [r.get(metric) for r in rows.get(worse, [])]
+    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
+    if ma is None or mb is None:
+        return "not measured yet", None
+    gap, spread = 100 * (ma - mb), 100 * max(sa, sb)
+    n = min(len([v for v in a if v is not None]), len([v for v in b if v is not None]))
+    if n < 2:
+        resolved = "one seed: spread unknown"
+    elif abs(gap) > 2 * spread:
+        resolved = f"beyond twice the seed spread ({spread:.1f})"
+    elif abs(gap) > spread:
+        resolved = f"beyond the seed spread ({spread:.1f}) but within twice it"
+    else:
+        resolved = f"within the seed spread ({spread:.1f}): not resolved"
+    holds = "holds" if gap > 0 else "does not hold"
+    return f"{holds}: {100 * ma:.1f} vs {100 * mb:.1f}, gap {gap:+.1f} points, {resolved}", gap
+
+
+def last_epoch_value(record, tag):
+    values = record.get("epoch_logs", {}).get(tag)
+    return values[-1][1] if values else None
+
+
+def write_summary(records, floor, out, machine):
+    rows = by_row(records)
+    lines = ["# Fashion-MNIST study: every method, several seeds, one evaluation", "",
+             "Made by `python tools/reproduce_small.py` (`make reproduce`); each run's numbers, commands, k-NN "
+             "curve, epoch logs and rank histograms are in the `<row>_s<seed>.json` files beside this one. "
+             f"Machine: {machine}.", "",
+             "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images.", "",
+             "| row | recipe | epochs | " + " | ".join(label for _, label in METRICS) + " | images/s | minutes |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
+    for row, recs in rows.items():
+        flagfile, extra, _ = ROWS.get(row, ("?", [], 0))
+        recipe = f"`{os.path.basename(flagfile)}`" + (f" `{' '.join(extra)}`" if extra else "")
+        speed = statistics.fmean([r["train_images_per_s"] for r in recs if r.get("train_images_per_s")] or [0])
+        minutes = statistics.fmean([r["train_wall_time_s"] / 60 for r in recs if r.get("train_wall_time_s")] or [0])
+        lines.append(f"| {row} | {recipe} | {recs[0]['epochs']} | "
+                     + " | ".join(cell([r.get(key) for r in recs]) for key, _ in METRICS)
+                     + f" | {speed:,.0f} | {minutes:.1f} |")
+    if floor:
+        lines.append("| raw pixels (floor) | – | – | " + " | ".join(
+            f"{100 * floor[key]:.1f}" if key in floor else "–" for key, _ in METRICS) + " | – | – |")
+    lines += ["", "## The paper's orderings", "",
+              "A gap counts as resolved when it exceeds the larger of the two rows' seed standard deviations "
+              "(and clearly so beyond twice it).", ""]
+    for better, worse, metric, claim in ORDERINGS:
+        verdict, _ = ordering_verdict(better, worse, metric, rows)
+        lines.append(f"- **{claim}** (`{metric}`): {verdict}.")
+    lines += ["", "## Diagnostics at the last epoch (mean over seeds)", "",
+              "purity: the share of the loss's neighbours (the constrained set where there is one) with the "
+              "query's true label; unconstrained: the plain top-k's; rank: mean 0-based rank of the "
+              "constrained neighbours in the unconstrained order ((k - 1) / 2 when they are the plain top-k: 2 for k = 5).", "",
+              "| row | loss | purity | purity unconstrained | constrained rank | pseudo-label precision | "
+              "confident fraction |", "|---|---|---|---|---|---|---|"]
+    for row, recs in rows.items():
+        def mean_of(tag, scale=1.0, digits=3):
+            values = [last_epoch_value(r, tag) for r in recs]
+            values = [v for v in values if v is not None]
+            return f"{scale * statistics.fmean(values):.{digits}f}" if values else "–"
+        lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
+                     f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
+                     f"{mean_of('confident_fraction')} |")
+    lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_plot(records, floor, out):
+    """summary.png: 20-NN per epoch per method (one line per seed), final 20-NN per method (one point
+    per seed), and the rank histograms of CMSF-2Q and CMSF-KM at the first, middle and last epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = by_row(records)
+    colours = {row: plt.cm.tab10(i % 10) for i, row in enumerate(ROWS)}
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0, 0]
+    for row, recs in rows.items():
+        for i, r in enumerate(recs):
+            curve = [(e, k20) for e, _, k20 in r.get("knn_curve", []) if k20 is not None]
+            if curve:
+                e, acc = zip(*curve)
+                ax.plot(e, 100 * np.array(acc), color=colours.get(row), alpha=0.8, label=row if i == 0 else None)
+    if floor:
+        ax.axhline(100 * floor["knn_top1_k20"], color="grey", ls="--", label="raw pixels")
+    ax.set(xlabel="epoch", ylabel="20-NN top-1 % (test subset)", title="k-NN during training")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    for x, (row, recs) in enumerate(rows.items()):
+        values = [100 * r["knn_top1_k20"] for r in recs]
+        ax.scatter([x] * len(values), values, color=colours.get(row))
+        ax.plot([x - 0.25, x + 0.25], [np.mean(values)] * 2, color=colours.get(row))
+    if floor:
+        ax.axhline(100 * floor["knn_top1_k20"], color="grey", ls="--")
+    ax.set_xticks(range(len(rows)), list(rows), rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="20-NN top-1 % (full test split)", title="final accuracy, one point per seed")
+    for ax, row in zip(axes[1], ("cmsf_2q", "cmsf_km")):
+        histograms = {}
+        for r in rows.get(row, []):
+            for epoch, counts in r.get("rank_histograms", {}).items():
+                acc = histograms.setdefault(int(epoch), np.zeros(0))
+                counts = np.asarray(counts, float)
+                size = max(len(acc), len(counts))
+                histograms[int(epoch)] = np.pad(acc, (0, size - len(acc))) + np.pad(counts, (0, size - len(counts)))
+        epochs = sorted(histograms)
+        shown = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]}) if epochs else []
+        edges = np.unique(np.concatenate([[0, 1, 2, 3, 4, 5], np.geomspace(5, 1024, 16).round()]))
+        for epoch in shown:
+            counts = histograms[epoch]
+            ranks = np.arange(len(counts))
+            binned, _ = np.histogram(ranks, bins=edges, weights=counts)
+            ax.stairs(binned / max(counts.sum(), 1), edges, label=f"epoch {epoch}")
+        ax.set_xscale("symlog", linthresh=5)
+        ax.set(xlabel="rank of a constrained neighbour in the unconstrained order (0-based; last bin 1023+)",
+               ylabel="fraction", title=f"{row}: where the constrained neighbours come from")
+        if shown:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "summary.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----- the study -----
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "fmnist"), help="per-run JSONs, summary")
+    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "fmnist"), help="model dirs and logs")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows of ROWS to run")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per row (0: each row's own number)")
+    parser.add_argument("--data_dir", default="", help="Fashion-MNIST directory (default: the usual place)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per method, one seed: a smoke test")
+    parser.add_argument("--summary_only", action="store_true", help="rebuild summary.md and the plot only")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        sys.path.insert(0, ROOT)
+        from cmsf_tf import config
+
+        try:
+            worker(json.loads(args.worker))
+        except config.UsageError as e:
+            sys.exit(f"error: {e}")
+        return
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"error: unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.runs, exist_ok=True)
+    # Seed-major order: an interrupted study has every row's first seed before any row's second.
+    seeds = {row: 1 if args.quick else (args.seeds or ROWS[row][2]) for row in rows}
+    plan = [(row, seed) for seed in range(max(seeds.values())) for row in rows if seed < seeds[row]]
+    pending = []
+    for row, seed in [] if args.summary_only else plan:
+        name = run_name(row, seed)
+        if os.path.isfile(os.path.join(args.out, f"{name}.json")):
+            continue
+        model_dir = os.path.join(args.runs, name)
+        pending.append((row, seed, {"model_dir": model_dir,
+                                    "train": train_args(row, seed, model_dir, args.data_dir, args.quick),
+                                    "evals": eval_commands(row, model_dir, args.quick)}))
+    # One worker process per run (a crash costs that run only); --quick: one for all (TensorFlow starts once).
+    groups = [pending] if args.quick and pending else [[p] for p in pending]
+    failed, done = [], len(plan) - len(pending)
+    for group in groups:
+        names = [run_name(row, seed) for row, seed, _ in group]
+        log_path = os.path.join(args.runs, f"{names[0] if len(names) == 1 else 'quick'}.log")
+        print(f"[{done + 1}/{len(plan)}] {', '.join(names)}: training and evaluating (log: {log_path})", flush=True)
+        started = time.time()
+        with open(log_path, "a") as log:
+            code = subprocess.call([sys.executable, os.path.abspath(__file__), "--worker",
+                                    json.dumps([spec for _, _, spec in group])],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        for row, seed, spec in group:
+            name = run_name(row, seed)
+            if code or not os.path.isfile(os.path.join(spec["model_dir"], "result.json")):
+                failed.append(name)
+                print(f"  {name} failed (exit {code}); see {log_path}. Run again to continue it.", flush=True)
+                continue
+            commands = {"train": "python -m cmsf_tf.train " + " ".join(spec["train"])}
+            commands.update({n: f"python -m cmsf_tf.evaluate {p} " + " ".join(a) for n, p, a in spec["evals"]})
+            record = collect(row, seed, spec["model_dir"], commands)
+            out_path = os.path.join(args.out, f"{name}.json")
+            with open(out_path + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(out_path + ".tmp", out_path)
+            done += 1
+            print(f"  {name}: 20-NN {100 * record['knn_top1_k20']:.1f}%, linear {100 * record.get('linear_top1', 0):.1f}% "
+                  f"({(time.time() - started) / 60:.1f} min)", flush=True)
+    records = []
+    for name in sorted(os.listdir(args.out)):
+        if name.endswith(".json") and name != "floors.json":
+            with open(os.path.join(args.out, name)) as f:
+                records.append(json.load(f))
+    floor = floors(args.data_dir, args.out) if not args.quick else None
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import benchlib
+
+    machine = benchlib.machine()
+    write_summary(records, floor, args.out, f"{machine['cpu']}, {machine['cores']} cores")
+    write_plot(records, floor, args.out)
+    print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.png ({len(records)} runs)")
+    if failed:
+        sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
