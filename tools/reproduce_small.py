@@ -52,7 +52,8 @@ LABEL_SPLIT = "percent:10"
 # --quick: the tiny network and a few steps, for a smoke test of the whole tool.
 QUICK_TRAIN = ["--width=4", "--batch_size=32", "--bank_size=128", "--topk=3", "--topk_prime=4", "--proj_hidden=32",
                "--proj_dim=16", "--epochs=2", "--steps_per_epoch=3", "--num_clusters=8", "--kmeans_iters=2",
-               "--sup_bank_size=64", "--pseudo_epochs=1", "--knn_every_queries=200", "--noknn_baselines"]
+               "--sup_bank_size=64", "--pseudo_epochs=1", "--knn_every=1", "--knn_every_queries=200",
+               "--knn_every_index=0", "--noknn_baselines"]
 QUICK_EVAL = ["--linear_epochs=2", "--linear_milestones=1", "--semi_epochs=1", "--semi_milestones=1"]
 METRICS = [("knn_top1_k20", "20-NN"), ("knn_top1_k1", "1-NN"), ("linear_top1", "linear"),
            ("knn10_top1_k1", "1-NN, 10% index"), ("semi10_top1", "semi 10%")]
@@ -74,7 +75,7 @@ def run_name(row, seed):
 
 def train_args(row, seed, model_dir, data_dir, quick):
     flagfile, extra, _ = ROWS[row]
-    args = [f"--flagfile={flagfile}", *extra, f"--seed={seed}", f"--model_dir={model_dir}", "--knn_every=1"]
+    args = [f"--flagfile={flagfile}", *extra, f"--seed={seed}", f"--model_dir={model_dir}"]
     if data_dir:
         args.append(f"--data_dir={data_dir}")
     return args + (QUICK_TRAIN if quick else [])
@@ -172,8 +173,10 @@ def collect(row, seed, model_dir, commands):
         commit = None
     record.update(train_wall_time_s=result.get("wall_time_s"), train_images_per_s=result.get("train_images_per_s"),
                   commit=commit, commands=commands)
-    record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")]
-                           for r in monitor.read_jsonl(os.path.join(model_dir, monitor.KNN_CURVE))]
+    curve = monitor.read_jsonl(os.path.join(model_dir, monitor.KNN_CURVE))
+    record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")] for r in curve]
+    if curve:
+        record["knn_curve_sizes"] = {"queries": curve[-1]["queries"], "index": curve[-1]["index"]}
     record["epoch_logs"] = epoch_logs(os.path.join(model_dir, "tensorboard"))
     ranks = monitor.read_jsonl(os.path.join(model_dir, monitor.RANK_HISTOGRAMS))
     if ranks:
@@ -336,7 +339,9 @@ def write_plot(records, floor, out):
                 ax.plot(e, 100 * np.array(acc), color=colours.get(row), alpha=0.8, label=row if i == 0 else None)
     if floor:
         ax.axhline(100 * floor["knn_top1_k20"], color="grey", ls="--", label="raw pixels")
-    ax.set(xlabel="epoch", ylabel="20-NN top-1 % (test subset)", title="k-NN during training")
+    sizes = next((r["knn_curve_sizes"] for r in records if r.get("knn_curve_sizes")), None)
+    subset = f" ({sizes['queries']:,} test images, {sizes['index']:,}-image index)" if sizes else ""
+    ax.set(xlabel="epoch", ylabel="20-NN top-1 %" + subset, title="k-NN during training (--knn_every)")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     for x, (row, recs) in enumerate(rows.items()):
