@@ -36,6 +36,7 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
         # The per-epoch k-NN curve ends at the final k-NN when the subsets are whole.
         assert [point[0] for point in record["knn_curve"]] == [1, 2]
         assert ("semi10_top1" in record) == (row in reproduce_small.SEMI_ROWS)
+        assert ("semi10_lr01_top1" in record) == (row in reproduce_small.SEMI_LR_ROWS)
         assert ("rank_histograms" in record) == (row in ("cmsf_2q", "cmsf_km", "cmsf_pseudo"))
         assert [e for e, _ in record["epoch_logs"]["loss"]] == [1, 2]
     noisy = json.loads((out / "xent_noise25_s0.json").read_text())
