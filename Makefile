@@ -7,13 +7,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test data deps bench bench-deps reproduce clean-venv
+.PHONY: demo test test-fast data deps bench bench-deps reproduce clean-venv
 
 demo: deps data
 	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg --model_dir=runs/demo
 
 test: deps data
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning tests
+
+# While developing: the unit tests only (no test that starts a Python process), a few minutes.
+test-fast: deps data
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning -m "not e2e" tests
 
 # Benchmarks (ratios measured in one run; see README, Performance). Installs the optional PyTorch,
 # faiss and matplotlib of requirements-bench.txt, appends to bench/results.json, rewrites the README's table.

@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from cmsf_tf.data import sources, splits
+from cmsf_tf.data import labels, sources
 
 
 class UsageError(Exception):
@@ -206,17 +206,10 @@ def _choice(value, name, choices):
 def label_split_percent(value):
     """P of a --label_split of the form percent:P (0 < P <= 100); None for a names file; UsageError
     for anything else."""
-    kind, _, number = value.partition(":")
-    if kind != "percent" and os.path.isfile(splits.split_path(value)):
-        return None
     try:
-        percent = float(number) if kind == "percent" else None
-    except ValueError:
-        percent = None
-    if percent is None or not 0 < percent <= 100:
-        raise UsageError(f"--label_split {value!r} is neither percent:P with 0 < P <= 100, "
-                         f"{' nor '.join(splits.NAMED_SPLITS)}, nor an existing file of image names")
-    return percent
+        return labels.split_percent(value)
+    except labels.LabelError as e:
+        raise UsageError(str(e)) from None
 
 
 def _finite(cfg):

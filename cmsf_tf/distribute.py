@@ -2,8 +2,6 @@
 
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-
 
 def configure_cpu_devices(n):
     """Split the CPU into n logical devices (for testing multi-replica code without accelerators).

@@ -57,10 +57,12 @@ def load_source(dataset, data_dir, class_list=""):
 
 def label_plan(source, dataset, label_split, seed):
     """LabelPlan of the labelled subset (true labels, -1 elsewhere), as the training run drew it."""
-    from cmsf_tf import train
+    from cmsf_tf.data import labels
 
-    cfg = config.make(dataset=dataset, label_split=label_split or "", seed=seed)
-    return train.training_labels(cfg, source)
+    try:
+        return labels.training_labels(source, label_split or "", seed=seed, dataset=dataset)
+    except labels.LabelError as e:
+        raise config.UsageError(str(e)) from None
 
 
 def labelled_subset(source, dataset, label_split, seed):

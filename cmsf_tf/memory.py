@@ -50,19 +50,22 @@ class MemoryBank(keras.layers.Layer):
 
         The rows must be identical on every replica (gathered first); see the module docstring.
         """
-        n = tf.shape(embeddings, out_type=tf.int64)[0]
-        positions = (self.pointer + tf.range(n, dtype=tf.int64)) % self.size
-        # scatter_update writes in place (a full-bank assign would copy K x D every step) and, unlike
-        # scatter_nd_update, is implemented for mirrored variables.
-        self.embeddings.value.scatter_update(
-            tf.IndexedSlices(tf.cast(embeddings, self.embeddings.dtype), positions))
-        self.labels.value.scatter_update(tf.IndexedSlices(tf.cast(labels, tf.int32), positions))
-        self.true_labels.value.scatter_update(
-            tf.IndexedSlices(tf.cast(true_labels, tf.int32), positions))
-        self.image_indices.value.scatter_update(
-            tf.IndexedSlices(tf.cast(image_indices, tf.int64), positions))
-        self.pointer.assign((self.pointer + n) % self.size)
+        positions, _ = ring_write(self.pointer, self.size, (self.embeddings, embeddings), (self.labels, labels),
+                                  (self.true_labels, true_labels), (self.image_indices, image_indices))
         return positions
+
+
+def ring_write(pointer, size, *columns):
+    """Writes the rows of each (variable, rows) column at `pointer` of a ring buffer of `size` rows
+    (wrapping around) and advances the pointer: the write of MemoryBank and LabelledCache. Returns
+    (int64 row positions, number of rows). In place (scatter_update: a full assign would copy K x D
+    every step; scatter_nd_update is not implemented for mirrored variables)."""
+    n = tf.shape(columns[0][1], out_type=tf.int64)[0]
+    positions = (pointer + tf.range(n, dtype=tf.int64)) % size
+    for variable, rows in columns:
+        variable.value.scatter_update(tf.IndexedSlices(tf.cast(rows, variable.dtype), positions))
+    pointer.assign((pointer + n) % size)
+    return positions, n
 
 
 def _random_unit_rows(seed):
@@ -141,11 +144,7 @@ class LabelledCache(keras.layers.Layer):
         """Appends the rows where `keep` (bool) is true. At most `size` rows per call."""
         rows = tf.boolean_mask(embeddings, keep)
         row_labels = tf.boolean_mask(tf.cast(labels, tf.int32), keep)
-        n = tf.shape(rows, out_type=tf.int64)[0]
-        positions = (self.pointer + tf.range(n, dtype=tf.int64)) % self.size
-        self.embeddings.value.scatter_update(tf.IndexedSlices(tf.cast(rows, self.embeddings.dtype), positions))
-        self.labels.value.scatter_update(tf.IndexedSlices(row_labels, positions))
-        self.pointer.assign((self.pointer + n) % self.size)
+        _, n = ring_write(self.pointer, self.size, (self.embeddings, rows), (self.labels, row_labels))
         self.filled.assign(tf.minimum(self.filled + n, self.size))
 
     def contents(self):

@@ -65,22 +65,9 @@ def label_constraint(query_labels, bank_labels):
     return tf.logical_or(same, (query_labels < 0)[:, None])
 
 
-def nearest_among(targets, bank, candidates, k):
-    """int32[B, k]: the k candidate bank rows most similar to each target, sorted.
-
-    `candidates` is int[B, C] of bank indices (CMSF-2Q: the k' neighbours of the previous view).
-    Costs O(B*C*D): only the candidate rows are gathered, never a B x K mask.
-    """
-    candidates = tf.cast(candidates, tf.int32)
-    rows = tf.gather(bank, candidates)  # [B, C, D]
-    sims = tf.einsum("bd,bcd->bc", targets, rows)
-    order = tf.math.top_k(sims, k=k, sorted=True).indices
-    return tf.gather(candidates, order, batch_dims=1)
-
-
 def nearest_among_from_sims(sims, candidates, k):
-    """nearest_among when the [B, K] similarities of the targets to the bank are already computed
-    (the train step's unconstrained search): only the B x C candidate entries are gathered."""
+    """int32[B, k]: the k of the candidate bank rows `candidates` (int[B, C]) with the largest `sims`,
+    sorted: only the B x C candidate entries of the [B, K] similarities are gathered."""
     candidates = tf.cast(candidates, tf.int32)
     order = tf.math.top_k(tf.gather(sims, candidates, batch_dims=1), k=k, sorted=True).indices
     return tf.gather(candidates, order, batch_dims=1)
@@ -92,6 +79,22 @@ def ranks_in_order(sims, indices):
     plain top-k ("distant yet related", the paper's analysis) rank >= k. Costs B x k x K comparisons."""
     chosen = tf.gather(sims, tf.cast(indices, tf.int32), batch_dims=1)  # [B, k]
     return tf.reduce_sum(tf.cast(sims[:, None, :] > chosen[:, :, None], tf.float32), axis=-1)
+
+
+def label_neighbours(sims, query_labels, bank_labels, k, fill="nearest"):
+    """int32[B, k]: the constraint of CMSF-KM (labels = cluster ids), supervised CMSF and CMSF-Pseudo:
+    the top-k of each row of `sims` among the bank rows whose label equals the query's (every row for a
+    query label < 0), short sets filled by `fill` (see top_k_indices)."""
+    return top_k_indices(sims, k, label_constraint(query_labels, bank_labels), fill)
+
+
+def two_queue_neighbours(sims, previous_targets, previous_bank, k, k_prime):
+    """int32[B, k]: CMSF-2Q's constraint. The candidates are the k' rows of the second bank M' nearest
+    the previous view t'; of those, the k rows of the bank M most similar to the target t, read from
+    `sims` (the [B, K] similarities of t to M: O(B k') beyond the searches). Equals the top-k of t in M
+    under the B x K mask of the candidates."""
+    candidates = nearest_neighbours(previous_targets, previous_bank, k_prime)
+    return nearest_among_from_sims(sims, candidates, k)
 
 
 def mean_shift_loss(queries, bank, indices):

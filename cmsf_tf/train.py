@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 from absl import app
 
 from cmsf_tf import config
@@ -83,70 +82,20 @@ def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
 
 
 def training_labels(cfg, source):
-    """The LabelPlan of the labels training may use: noisy with --label_noise, -1 outside --label_split.
-    Computed up front (stratified split, split file checked against the data) when the source knows its
-    labels and names; applied per example while streaming otherwise (TFDS ImageNet)."""
-    from cmsf_tf.data import splits
-    from cmsf_tf.data.pipeline import LabelPlan
-    from cmsf_tf.data.sources import image_name
+    """data.labels.training_labels with the run's settings; its errors as UsageError."""
+    from cmsf_tf.data import labels
 
-    percent = config.label_split_percent(cfg.label_split) if cfg.label_split else None
-    names = splits.read_names(cfg.label_split) if cfg.label_split and percent is None else None
-    if source.train_labels is None:
-        if cfg.label_noise_file:
-            raise config.UsageError(f"--label_noise_file needs labels known up front, which {cfg.dataset} "
-                                    "streams; convert it with tools/folder_to_tfrecord.py")
-        plan = dict(num_classes=source.num_classes)
-        if cfg.label_noise:
-            plan["shift"] = splits.noise_shift(source.num_train, cfg.label_noise, source.num_classes, cfg.seed)
-        if percent is not None:
-            plan["labelled"] = splits.random_split(source.num_train, percent, cfg.seed)
-        if names is not None:
-            plan["labelled_names"] = tuple(sorted({image_name(n) for n in names}))
-        return LabelPlan(**plan)
-    labels = source.train_labels
-    if cfg.label_noise:
-        labels = splits.noisy_labels(labels, cfg.label_noise, source.num_classes, cfg.seed)
-    if cfg.label_noise_file:
-        try:
-            labels = splits.corrupted_labels(labels, source.train_names, splits.read_corruptions(cfg.label_noise_file),
-                                             source.num_classes)
-        except ValueError as e:
-            raise config.UsageError(f"--label_noise_file: {e}") from None
-    if percent is not None:
-        labels = splits.training_labels(labels, splits.percent_split(source.train_labels, percent, cfg.seed))
-    elif names is not None:
-        try:
-            labelled = splits.names_split(source.train_names, names)
-        except ValueError as e:
-            raise config.UsageError(f"--label_split {cfg.label_split}: {e}") from None
-        labels = splits.training_labels(labels, labelled)
-    return LabelPlan(source.num_classes, labels=np.asarray(labels, np.int32))
-
-
-def method_options(cfg, num_images, num_classes):
-    """The constructor arguments only some methods take."""
-    if cfg.method == "cmsf_pseudo":
-        return dict(num_classes=num_classes, conf_threshold=cfg.conf_threshold, sup_bank_size=cfg.sup_bank_size,
-                    cache_confident=cfg.pseudo_cache_confident)
-    if cfg.method == "cmsf_2q":
-        return dict(num_images=num_images, topk_prime=cfg.topk_prime, pool_dtype=cfg.pool_dtype,
-                    third_view=cfg.cmsf_2q_view == "third")
-    if cfg.method == "cmsf_km":
-        return dict(num_images=num_images, num_clusters=cfg.num_clusters, pool_dtype=cfg.pool_dtype)
-    return {}
+    try:
+        return labels.training_labels(source, cfg.label_split, cfg.label_noise, cfg.label_noise_file, cfg.seed,
+                                      cfg.dataset)
+    except labels.LabelError as e:
+        raise config.UsageError(str(e)) from None
 
 
 def build_model(cfg, sync_bn, num_images, num_classes):
     from cmsf_tf.methods import METHODS
 
-    if cfg.method == "xent":
-        return METHODS["xent"](arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes, width=cfg.width,
-                               weight_decay=cfg.weight_decay, sync_bn=sync_bn, label_smoothing=cfg.label_smoothing)
-    return METHODS[cfg.method](**method_options(cfg, num_images, num_classes),
-        arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
-        proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
-        weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed, constraint_fill=cfg.constraint_fill)
+    return METHODS[cfg.method].from_run_config(cfg, sync_bn=sync_bn, num_images=num_images, num_classes=num_classes)
 
 
 # The --model_dir locks this process holds: open files whose flock lasts as long as they stay open.
@@ -187,6 +136,7 @@ def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, ste
 
     from cmsf_tf.callbacks.checkpoint import Diverged, SaveFailed, global_step
     from cmsf_tf.data import pipeline
+    from cmsf_tf.methods import METHODS
 
     while step < total_steps and not saver.stopped_early:
         if cfg.stop_after_steps and step >= cfg.stop_after_steps:
@@ -199,9 +149,7 @@ def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, ste
                 source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
                 steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
                 labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
-                input_context=context, shuffle_buffer=cfg.shuffle_buffer,
-                third_view=cfg.method == "cmsf_2q" and cfg.cmsf_2q_view == "third",
-                strong_view=cfg.method != "xent"))
+                input_context=context, shuffle_buffer=cfg.shuffle_buffer, **METHODS[cfg.method].views(cfg)))
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)
@@ -304,16 +252,12 @@ def run(cfg, log=print):
     guard = DivergenceGuard()
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
     callbacks = [guard]
-    if cfg.method == "cmsf_km":  # before the saver: the epoch's checkpoint holds the new clusters
-        from cmsf_tf.callbacks.kmeans import KMeansClusters
-        callbacks.append(KMeansClusters(cfg.num_clusters, cfg.kmeans_iters, cfg.seed, cfg.kmeans_init,
-                                        logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None, log=log))
-    if cfg.method == "cmsf_pseudo":  # before the saver too: the saved head is the trained one
-        from cmsf_tf.callbacks.pseudo_label import PseudoLabelTrainer
-        callbacks.append(PseudoLabelTrainer(steps_per_epoch, cfg.pseudo_epochs, cfg.pseudo_lr,
-                                            [int(m) for m in cfg.pseudo_milestones], cfg.pseudo_batch_size, cfg.seed,
-                                            logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None,
-                                            log=log, weight_decay=cfg.pseudo_weight_decay))
+    from cmsf_tf.methods import METHODS
+
+    # The method's own callbacks (k-means, pseudo-label head) run before the saver: the checkpoint holds their work.
+    callbacks += METHODS[cfg.method].training_callbacks(
+        cfg, steps_per_epoch=steps_per_epoch, logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None,
+        log=log)
     callbacks.append(saver)
     if chief:
         from cmsf_tf.callbacks import monitor

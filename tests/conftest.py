@@ -12,6 +12,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# End-to-end tests start Python processes (the CLIs, the tools, multi-process distribution): every test of
+# these modules, and elsewhere each test whose body starts one. `make test-fast` deselects them.
+E2E_MODULES = ("test_train_cli", "test_evaluate", "test_bench_tools", "test_reproduce_small")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts Python processes (CLI end to end); make test-fast skips them")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        if module in E2E_MODULES or "run_cli(" in source or "subprocess." in source:
+            item.add_marker(pytest.mark.e2e)
+
 
 def write_idx(path, array):
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)

@@ -208,7 +208,7 @@ def test_cmsf_2q_third_view_variant_searches_a_bank_of_third_views():
 
 def test_cmsf_km_constraint_follows_the_current_cluster_ids():
     n = 16
-    model = tiny_pool_model("cmsf_km", n, num_clusters=3)
+    model = tiny_pool_model("cmsf_km", n)
     batch = next(iter(epoch_stream(n, 0)))
     targets = model.target_embedding(batch["weak"])
     # No clusters yet: the constrained set is the unconstrained one (loss = MSF).
@@ -232,7 +232,7 @@ def test_kmeans_callback_clusters_the_pool_at_epoch_end():
     from cmsf_tf.callbacks.kmeans import KMeansClusters
 
     n = 16
-    model = tiny_pool_model("cmsf_km", n, num_clusters=3)
+    model = tiny_pool_model("cmsf_km", n)
     messages = []
     history = model.fit(epoch_stream(n, 0), epochs=1, steps_per_epoch=2, verbose=0,
                         callbacks=[KMeansClusters(3, iters=5, log=messages.append)]).history
@@ -341,7 +341,7 @@ def test_cmsf_pseudo_non_confident_rows_never_constrain_and_unconstrained_querie
     probs[2], probs[3] = [0.05, 0.9, 0.03, 0.02], [0.0, 0.0, 0.95, 0.05]
     model.pseudo_probabilities = lambda t: tf.constant(probs)
     batch = {"label": tf.constant([0, 3, -1, -1, -1, -1]), "is_labelled": tf.constant([True, True] + [False] * 4)}
-    batch["query_label"] = model.bank_labels(batch, tf.constant(targets))  # as the train step passes it on
+    batch["query_label"] = model.query_labels(batch, tf.constant(targets))  # as the train step passes it on
     sims = targets @ bank.T
     (w1, constrained), (w2, unconstrained) = model.neighbour_sets(batch, tf.constant(targets), tf.constant(sims))
     assert (w1, w2) == (1.0, 0.0)  # the loss is the constrained one alone
@@ -355,7 +355,7 @@ def test_cmsf_pseudo_non_confident_rows_never_constrain_and_unconstrained_querie
             assert np.all(bank_labels[got[:min(n_same, 4)]] == label)
             assert not np.any(bank_labels[got[:min(n_same, 4)]] == -1)  # -1 rows never match a label
         np.testing.assert_array_equal(unconstrained.numpy()[q], np.argsort(-sims[q], kind="stable")[:4])
-    np.testing.assert_array_equal(model.bank_labels(batch, tf.constant(targets)).numpy(), query_labels)
+    np.testing.assert_array_equal(model.query_labels(batch, tf.constant(targets)).numpy(), query_labels)
 
 
 def test_cmsf_pseudo_caches_the_labelled_rows_and_reports_pseudo_label_metrics():
@@ -431,3 +431,26 @@ def test_constraint_fill_reaches_the_label_constrained_methods():
         (_, got[fill]), = model.neighbour_sets(dict(batch, query_label=batch["label"]), None, sims)
     np.testing.assert_array_equal(got["official"].numpy(), np.tile(np.arange(3), (BATCH, 1)))
     np.testing.assert_array_equal(got["nearest"].numpy(), np.argsort(-sims.numpy(), axis=1)[:, :3])
+
+
+def test_every_method_describes_its_model_views_and_callbacks():
+    """cmsf_tf.train has no per-method branches: each registered class builds itself from a run's Config
+    and says which views its batches carry and which callbacks its training needs."""
+    from cmsf_tf import config
+    from cmsf_tf.callbacks.kmeans import KMeansClusters
+    from cmsf_tf.callbacks.pseudo_label import PseudoLabelTrainer
+
+    tiny = dict(dataset="fashion_mnist", arch="resnet18_small", width=4, image_size=28, batch_size=8, bank_size=16,
+                topk=2, proj_hidden=16, proj_dim=8, topk_prime=2, num_clusters=3, sup_bank_size=8)
+    expected_callbacks = {"cmsf_km": [KMeansClusters], "cmsf_pseudo": [PseudoLabelTrainer]}
+    for name, cls in METHODS.items():
+        extra = {"label_split": "percent:10"} if name == "cmsf_pseudo" else {}
+        cfg = config.make(method=name, **tiny, **extra)
+        model = cls.from_run_config(cfg, sync_bn=False, num_images=40, num_classes=10)
+        assert isinstance(model, cls) and model.online_backbone.output_shape[-1] == 32
+        assert cls.views(cfg) == {"strong_view": name != "xent", "third_view": False}, name
+        callbacks = cls.training_callbacks(cfg, steps_per_epoch=5, logdir=None, log=print)
+        assert [type(c) for c in callbacks] == expected_callbacks.get(name, []), name
+    third = config.make(method="cmsf_2q", cmsf_2q_view="third", **tiny)
+    assert METHODS["cmsf_2q"].views(third) == {"strong_view": True, "third_view": True}
+    assert METHODS["cmsf_2q"].from_run_config(third, sync_bn=False, num_images=40, num_classes=10).pool is None

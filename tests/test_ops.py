@@ -84,36 +84,37 @@ def test_label_constraint_with_int64_bank_labels():
     np.testing.assert_array_equal(got, [[True, False]])
 
 
-def test_nearest_among_matches_masked_reference():
+def test_nearest_among_from_sims_matches_masked_reference():
     t, m = unit(6, 16), unit(80, 16)
     cands = np.stack([RNG.choice(80, 10, replace=False) for _ in range(6)])
-    got = ops.nearest_among(t, m, cands, 4).numpy()
+    got = ops.nearest_among_from_sims(ops.similarities(t, m), cands, 4).numpy()
     allowed = np.zeros((6, 80), bool)
     np.put_along_axis(allowed, cands, True, axis=1)
     np.testing.assert_array_equal(got, ref_nearest(t, m, 4, allowed))
 
 
-def test_two_queue_constraint_matches_the_mask_form():
-    """CMSF-2Q as in the train step: candidates = top-k' of t' in M', then the k candidates nearest t
-    in M by gathering the unconstrained similarities; equals top-k of t in M under a B x K mask."""
+def test_two_queue_neighbours_match_the_mask_form():
+    """CMSF-2Q's constraint: candidates = top-k' of t' in M'; the k candidates nearest t in M. Equals the
+    top-k of t in M under the B x K mask of the candidates (the NumPy reference)."""
     t, t_prev, m, m_prev = unit(8, 16), unit(8, 16), unit(120, 16), unit(120, 16)
-    cands = ops.nearest_neighbours(t_prev, m_prev, 10)
-    got = ops.nearest_among_from_sims(ops.similarities(t, m), cands, 5).numpy()
+    got = ops.two_queue_neighbours(ops.similarities(t, m), t_prev, m_prev, 5, 10).numpy()
     allowed = np.zeros((8, 120), bool)
     np.put_along_axis(allowed, ref_nearest(t_prev, m_prev, 10, np.ones((8, 120), bool)), True, axis=1)
     np.testing.assert_array_equal(got, ref_nearest(t, m, 5, allowed))
-    np.testing.assert_array_equal(got, ops.nearest_among(t, m, cands, 5).numpy())
+    # k' = k: the constrained set is exactly the previous view's neighbours, re-ordered by t.
+    got = ops.two_queue_neighbours(ops.similarities(t, m), t_prev, m_prev, 5, 5).numpy()
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(ref_nearest(t_prev, m_prev, 5), axis=1))
 
 
-def test_nearest_among_builds_no_batch_by_bank_tensor():
-    # Graph-level check that the only large intermediate is the [B, C, D] gather, not [B, K].
-    fn = tf.function(ops.nearest_among).get_concrete_function(
-        tf.TensorSpec([4, 8]), tf.TensorSpec([1000, 8]), tf.TensorSpec([4, 6], tf.int32), 3)
-    for op in fn.graph.get_operations():
-        for out in op.outputs:
-            shape = out.shape
-            if shape.rank and shape.rank >= 2:
-                assert 1000 not in shape.as_list()[1:], f"{op.name} has shape {shape}"
+def test_label_neighbours_match_the_mask_form():
+    """KM / supervised / Pseudo: top-k among same-label rows (query label -1: unconstrained), short sets
+    filled with the nearest other rows."""
+    t, m = unit(7, 16), unit(60, 16)
+    query = np.array([0, 1, 2, -1, 0, 3, 1])
+    bank = RNG.integers(-1, 3, size=60)  # class 3 has no row: that query is filled with its nearest rows
+    got = ops.label_neighbours(ops.similarities(t, m), query, bank, 4).numpy()
+    allowed = (query[:, None] == bank[None, :]) | (query[:, None] < 0)
+    np.testing.assert_array_equal(got, ref_nearest(t, m, 4, allowed))
 
 
 def test_mean_shift_loss_matches_reference():

@@ -17,14 +17,14 @@ import keras
 import tensorflow as tf
 
 from cmsf_tf.callbacks.checkpoint import global_step
-from cmsf_tf.eval import linear
+from cmsf_tf.head_training import cached_batches, step_schedule
 
 
 def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9,
                weight_decay=1e-4):
     """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1."""
     steps = -(-len(features) // batch_size)
-    optimizer = keras.optimizers.SGD(linear.step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
+    optimizer = keras.optimizers.SGD(step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
                                      momentum=momentum)
     variables = head.trainable_variables
 
@@ -38,7 +38,7 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
 
-    batches = linear.cached_batches(features, labels, batch_size, seed)
+    batches = cached_batches(features, labels, batch_size, seed)
     correct = 0.0
     for epoch in range(epochs):
         # BatchNorm needs two rows: a last batch of one is skipped.
@@ -55,7 +55,6 @@ class PseudoLabelTrainer(keras.callbacks.Callback):
         self.weight_decay = weight_decay
         self.writer = tf.summary.create_file_writer(logdir) if logdir else None
         self.log = log
-        self.rounds = []  # (global step, cached rows, head train top-1) of the rounds this process ran
         self._copy = None
 
     def _due(self, step):
@@ -77,7 +76,6 @@ class PseudoLabelTrainer(keras.callbacks.Callback):
         accuracy = train_head(self._copy, features, labels, self.epochs, self.lr, self.milestones, self.batch_size,
                               seed=self.seed * 1_000_003 + step, weight_decay=self.weight_decay)
         self.model.pseudo_head.set_weights(self._copy.get_weights())
-        self.rounds.append((step, len(features), accuracy))
         if logs is not None:
             logs["head_train_top1"] = accuracy
         if self.writer is not None:

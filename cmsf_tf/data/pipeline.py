@@ -10,12 +10,12 @@ batch of indices and decodes only its own slice, so N workers train on exactly t
 would. Record sources shard their files across pipelines instead (each worker reads only its shards).
 """
 
-import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
-from cmsf_tf.data import augment, sources, splits
+from cmsf_tf.data import augment, sources
+from cmsf_tf.data.labels import LabelPlan  # noqa: F401  (the pipeline applies it; tests import it from here)
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -29,53 +29,6 @@ def epoch_order(num_examples, seed, epoch):
     """The epoch's permutation of dataset indices: a pure function of (seed, epoch)."""
     return tf.random.experimental.stateless_shuffle(
         tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]))
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelPlan:
-    """How an example's training label follows from (index, true label, name), inside the pipeline.
-
-    `labels` (int32 [N]) when they can be computed up front (sources whose labels are known); otherwise
-    `shift` (label noise: label = (true + shift[index]) mod C) and a labelled subset given by index
-    (`labelled`, bool [N]) or by image name (`labelled_names`). Unlabelled examples get label -1.
-    """
-
-    num_classes: int
-    labels: object = None
-    shift: object = None
-    labelled: object = None
-    labelled_names: tuple = ()
-
-    def make_fn(self):
-        """A tf function (index, true_label, name) -> training label."""
-        if self.labels is not None:
-            table = tf.constant(self.labels, tf.int32)
-            return lambda index, true_label, name: tf.gather(table, index)
-        shift = None if self.shift is None else tf.constant(self.shift, tf.int32)
-        labelled = None if self.labelled is None else tf.constant(self.labelled, tf.bool)
-        names = None
-        if self.labelled_names:
-            names = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(tf.constant(list(self.labelled_names)),
-                                                    tf.ones([len(self.labelled_names)], tf.int32)), 0)
-
-        def fn(index, true_label, name):
-            label = tf.cast(true_label, tf.int32)
-            if shift is not None:
-                label = (label + tf.gather(shift, index)) % self.num_classes
-            keep = tf.constant(True)
-            if labelled is not None:
-                keep = tf.gather(labelled, index)
-            if names is not None:
-                keep = names.lookup(_name_key(name)) > 0
-            return tf.where(keep, label, splits.UNLABELLED)
-        return fn
-
-
-def _name_key(path):
-    """sources.image_name in TF: file name without directories and extension."""
-    base = tf.strings.split(tf.strings.regex_replace(path, r"\\", "/"), "/")[-1]
-    return tf.strings.regex_replace(base, r"\.[^.]*$", "")
 
 
 def _true_labels(source):

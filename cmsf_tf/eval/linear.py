@@ -13,6 +13,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cmsf_tf import head_training
+from cmsf_tf.head_training import step_schedule
+
+cached_batches = head_training.cached_batches  # the probe's batches; shared with the pseudo-label head
+
 # FullBatchNorm's epsilon in the paper's eval_linear.py: inv_std = 1 / sqrt(var + 1e-5).
 STANDARDIZE_EPS = 1e-5
 
@@ -58,16 +63,6 @@ class LinearHead:
         return np.concatenate([self.logits(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
 
 
-def step_schedule(lr, milestones, steps_per_epoch):
-    """lr, divided by 10 from the first step of each milestone epoch on (0-based epochs, as
-    torch.optim.lr_scheduler.MultiStepLR stepped once per epoch). A Keras schedule over the optimizer's
-    0-based step count; PiecewiseConstantDecay switches after a boundary, hence the - 1."""
-    boundaries = [m * steps_per_epoch - 1 for m in milestones]
-    if not boundaries:
-        return lr
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [lr * 0.1 ** i for i in range(len(boundaries) + 1)])
-
-
 def train_probe(batches, dim, num_classes, steps_per_epoch, epochs=40, lr=0.01, momentum=0.9,
                 milestones=(15, 30), weight_decay=1e-4, seed=0, log=None, on_epoch_end=None):
     """A LinearHead trained with SGD + step decay; weight decay as torch.optim.SGD's (grad += wd * p, on
@@ -93,18 +88,6 @@ def train_probe(batches, dim, num_classes, steps_per_epoch, epochs=40, lr=0.01, 
         if log and (epoch + 1) % 5 == 0:
             log(f"  linear probe epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}")
     return head
-
-
-def cached_batches(features, labels, batch_size, seed):
-    """batches(epoch) over in-memory features, reshuffled each epoch (seeded), last partial batch kept."""
-    features, labels = np.asarray(features, np.float32), np.asarray(labels, np.int32)
-
-    def batches(epoch):
-        order = np.random.default_rng([seed, epoch]).permutation(len(features))
-        for i in range(0, len(order), batch_size):
-            sel = order[i:i + batch_size]
-            yield features[sel], labels[sel]
-    return batches
 
 
 def _softmax_objective(params, x, onehot, l2):

@@ -7,7 +7,7 @@ projector), the memory bank, the metrics and the train-step skeleton:
   strong view -> online + predictor -> q
   neighbour sets of t in the bank (a method's hook) -> loss = sum_w w * mean_shift_loss(q, bank, set)
 
-A method overrides `neighbour_sets` (its constraint) and, where it needs them, `bank_labels`,
+A method overrides `neighbour_sets` (its constraint) and, where it needs them, `query_labels`,
 `write_state` (per-image state written with the gathered batch) and `extra_metrics`. When a method
 returns two neighbour sets (constrained first, unconstrained second), `purity` is measured on the
 first and `purity_unconstrained` on the second, and `constrained_rank` (a RankHistogram) tracks where
@@ -27,6 +27,24 @@ class TrainingPlumbing:
     CrossEntropy; a mixin, not a base class, so each model stays one level below keras.Model): the
     batch counter, Keras' symbolic-build workaround, optimizer slots for the trained weights only, the
     paper's coupled L2 weight decay with the replica division and loss scaling, and multi-worker logs."""
+
+    # ----- what a method tells cmsf_tf.train (so that adding a method is one file + one registry line) -----
+    @classmethod
+    def views(cls, cfg):
+        """{"strong_view": bool, "third_view": bool}: the views its batches carry besides the weak one."""
+        return {"strong_view": True, "third_view": False}
+
+    @classmethod
+    def from_run_config(cls, cfg, *, sync_bn, num_images, num_classes):
+        """The model a run's Config describes."""
+        raise NotImplementedError
+
+    @classmethod
+    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log):
+        """Keras callbacks the method's training needs (epoch-end clustering, head training, ...); run
+        before the checkpoint saver, so a checkpoint holds what they computed. `logdir`: TensorBoard
+        directory (None on non-chief workers)."""
+        return []
 
     def _add_step_counter(self):
         # Batches trained on. Not optimizer.iterations: float16 loss scaling skips the update (and the
@@ -99,6 +117,18 @@ class RankHistogram(keras.metrics.Metric):
 
 
 class MeanShift(TrainingPlumbing, keras.Model):
+    @classmethod
+    def config_options(cls, cfg, num_images, num_classes):
+        """Constructor arguments of this method beyond the family's common ones."""
+        return {}
+
+    @classmethod
+    def from_run_config(cls, cfg, *, sync_bn, num_images, num_classes):
+        return cls(**cls.config_options(cfg, num_images, num_classes),
+                   arch=cfg.arch, image_size=cfg.image_size, channels=3, width=cfg.width, proj_hidden=cfg.proj_hidden,
+                   proj_dim=cfg.proj_dim, bank_size=cfg.bank_size, topk=cfg.topk, ema_momentum=cfg.ema_momentum,
+                   weight_decay=cfg.weight_decay, sync_bn=sync_bn, seed=cfg.seed, constraint_fill=cfg.constraint_fill)
+
     def __init__(self, *, arch, image_size, channels=3, width=64, proj_hidden=0, proj_dim=0,
                  bank_size=128000, topk=5, ema_momentum=0.99, weight_decay=1e-4, sync_bn=False,
                  seed=0, constraint_fill="nearest", **kwargs):
@@ -175,14 +205,15 @@ class MeanShift(TrainingPlumbing, keras.Model):
         return ops.l2_normalize(self.predictor(z, training=training))
 
     # ----- method hooks -----
-    def bank_labels(self, batch, targets):
-        """int[B] written to the bank's `labels` and compared by label constraints. Called once per
-        step; the other hooks find the result in batch["query_label"]."""
+    def query_labels(self, batch, targets):
+        """int[B]: each query's label, which label constraints compare with the bank rows' and which
+        becomes the label of its own bank row. Called once per step; the other hooks find the result in
+        batch["query_label"]."""
         return batch["label"]
 
-    def constrained_top_k(self, sims, allowed):
-        """The top-k among `allowed` bank rows, filled by the run's --constraint_fill rule."""
-        return ops.top_k_indices(sims, self.topk, allowed, self.constraint_fill)
+    def label_neighbours(self, sims, query_labels, bank_labels):
+        """The top-k among the bank rows of the query's label, filled by the run's --constraint_fill rule."""
+        return ops.label_neighbours(sims, query_labels, bank_labels, self.topk, self.constraint_fill)
 
     def neighbour_sets(self, batch, targets, sims):
         """List of (weight, int32[B, k] bank indices) whose weighted losses are summed.
@@ -209,7 +240,7 @@ class MeanShift(TrainingPlumbing, keras.Model):
     def train_step(self, batch):
         targets = self.target_embedding(batch["weak"])
         extra = self.step_embeddings(batch, targets)
-        batch = dict(batch, query_label=self.bank_labels(batch, targets), **extra)
+        batch = dict(batch, query_label=self.query_labels(batch, targets), **extra)
         # is_labelled travels as int32: collectives do not all-gather booleans on every platform.
         rows = distribute.gather(targets, batch["query_label"], batch["true_label"], batch["index"],
                                  tf.cast(batch["is_labelled"], tf.int32), *extra.values())

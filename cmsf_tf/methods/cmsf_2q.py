@@ -22,6 +22,15 @@ from cmsf_tf.memory import ImagePool, MemoryBank
 from cmsf_tf.methods.base import MeanShift
 
 class CMSF2Q(MeanShift):
+    @classmethod
+    def config_options(cls, cfg, num_images, num_classes):
+        return dict(num_images=num_images, topk_prime=cfg.topk_prime, pool_dtype=cfg.pool_dtype,
+                    third_view=cfg.cmsf_2q_view == "third")
+
+    @classmethod
+    def views(cls, cfg):
+        return {"strong_view": True, "third_view": cfg.cmsf_2q_view == "third"}
+
     def __init__(self, *, num_images, topk_prime=5, pool_dtype="float32", third_view=False, **kwargs):
         super().__init__(**kwargs)
         if topk_prime < self.topk:
@@ -50,8 +59,7 @@ class CMSF2Q(MeanShift):
         return self.pool.previous(batch["index"], fallback=targets)
 
     def neighbour_sets(self, batch, targets, sims):
-        t_prev = self.previous_view(batch, targets)
-        candidates = ops.nearest_neighbours(t_prev, tf.convert_to_tensor(self.previous_bank.embeddings),
-                                            self.topk_prime)
-        constrained = ops.nearest_among_from_sims(sims, candidates, self.topk)
+        constrained = ops.two_queue_neighbours(sims, self.previous_view(batch, targets),
+                                               tf.convert_to_tensor(self.previous_bank.embeddings), self.topk,
+                                               self.topk_prime)
         return [(0.5, constrained), (0.5, ops.top_k_indices(sims, self.topk))]

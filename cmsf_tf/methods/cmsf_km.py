@@ -16,9 +16,18 @@ from cmsf_tf.methods.base import MeanShift
 
 
 class CMSFKM(MeanShift):
-    def __init__(self, *, num_images, num_clusters, pool_dtype="float32", **kwargs):
+    @classmethod
+    def config_options(cls, cfg, num_images, num_classes):
+        return dict(num_images=num_images, pool_dtype=cfg.pool_dtype)
+
+    @classmethod
+    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log):
+        from cmsf_tf.callbacks.kmeans import KMeansClusters
+
+        return [KMeansClusters(cfg.num_clusters, cfg.kmeans_iters, cfg.seed, cfg.kmeans_init, logdir=logdir, log=log)]
+
+    def __init__(self, *, num_images, pool_dtype="float32", **kwargs):
         super().__init__(**kwargs)
-        self.num_clusters = int(num_clusters)
         self.pool = ImagePool(num_images, self.embedding_dim, slots=1, dtype=pool_dtype, name="pool")
         self.cluster_ids = self.add_weight(shape=(num_images,), initializer=keras.initializers.Constant(-1),
                                            dtype="int32", trainable=False, aggregation="only_first_replica",
@@ -34,5 +43,6 @@ class CMSFKM(MeanShift):
         return tf.where(image_indices >= 0, ids, -1)
 
     def neighbour_sets(self, batch, targets, sims):
-        allowed = ops.label_constraint(self.clusters_of(batch["index"]), self.clusters_of(self.bank.image_indices))
-        return [(0.5, self.constrained_top_k(sims, allowed)), (0.5, ops.top_k_indices(sims, self.topk))]
+        constrained = self.label_neighbours(sims, self.clusters_of(batch["index"]),
+                                            self.clusters_of(self.bank.image_indices))
+        return [(0.5, constrained), (0.5, ops.top_k_indices(sims, self.topk))]

@@ -24,6 +24,19 @@ from cmsf_tf.models import heads
 class CMSFPseudo(MeanShift):
     extra_metric_names = ("pseudo_accuracy", "confident_fraction")
 
+    @classmethod
+    def config_options(cls, cfg, num_images, num_classes):
+        return dict(num_classes=num_classes, conf_threshold=cfg.conf_threshold, sup_bank_size=cfg.sup_bank_size,
+                    cache_confident=cfg.pseudo_cache_confident)
+
+    @classmethod
+    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log):
+        from cmsf_tf.callbacks.pseudo_label import PseudoLabelTrainer
+
+        return [PseudoLabelTrainer(steps_per_epoch, cfg.pseudo_epochs, cfg.pseudo_lr,
+                                   [int(m) for m in cfg.pseudo_milestones], cfg.pseudo_batch_size, cfg.seed,
+                                   logdir=logdir, log=log, weight_decay=cfg.pseudo_weight_decay)]
+
     def __init__(self, *, num_classes, conf_threshold=0.85, sup_bank_size=128000, cache_confident=False,
                  sync_bn=False, **kwargs):
         super().__init__(sync_bn=sync_bn, **kwargs)
@@ -37,13 +50,13 @@ class CMSFPseudo(MeanShift):
     def pseudo_probabilities(self, targets):
         return tf.nn.softmax(tf.cast(self.pseudo_head(targets, training=False), tf.float32), axis=-1)
 
-    def bank_labels(self, batch, targets):
+    def query_labels(self, batch, targets):
         return ops.pseudo_query_labels(batch["label"], batch["is_labelled"], self.pseudo_probabilities(targets),
                                        self.conf_threshold)
 
     def neighbour_sets(self, batch, targets, sims):
-        allowed = ops.label_constraint(batch["query_label"], self.bank.labels)
-        return [(1.0, self.constrained_top_k(sims, allowed)), (0.0, ops.top_k_indices(sims, self.topk))]
+        return [(1.0, self.label_neighbours(sims, batch["query_label"], self.bank.labels)),
+                (0.0, ops.top_k_indices(sims, self.topk))]
 
     def write_state(self, targets, labels, true_labels, indices, is_labelled):
         keep = is_labelled | (labels >= 0) if self.cache_confident else is_labelled

@@ -7,11 +7,9 @@ loss always averages over k rows; --constraint_fill=official fills with arbitrar
 paper's code does (it sets the distance of every other row to 5.0, so they tie).
 """
 
-from cmsf_tf import ops
 from cmsf_tf.methods.base import MeanShift
 
 
 class CMSFSup(MeanShift):
     def neighbour_sets(self, batch, targets, sims):
-        allowed = ops.label_constraint(batch["label"], self.bank.labels)
-        return [(1.0, self.constrained_top_k(sims, allowed))]
+        return [(1.0, self.label_neighbours(sims, batch["label"], self.bank.labels))]

@@ -15,7 +15,14 @@ from cmsf_tf.models import backbones
 
 
 class CrossEntropy(TrainingPlumbing, keras.Model):
-    uses_strong_view = False
+    @classmethod
+    def views(cls, cfg):
+        return {"strong_view": False, "third_view": False}  # trains on the weak view alone
+
+    @classmethod
+    def from_run_config(cls, cfg, *, sync_bn, num_images, num_classes):
+        return cls(arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes, width=cfg.width,
+                   weight_decay=cfg.weight_decay, sync_bn=sync_bn, label_smoothing=cfg.label_smoothing)
 
     def __init__(self, *, arch, image_size, num_classes, channels=3, width=64, weight_decay=1e-4, sync_bn=False,
                  label_smoothing=0.0, **kwargs):
