@@ -89,6 +89,31 @@ def test_views_and_third_view_have_the_right_shape(folder):
     assert not np.allclose(batch["weak"].numpy(), batch["third"].numpy())
 
 
+def test_views_are_the_augment_functions_of_the_example_seed():
+    """Reference for what the stream carries: batch j of epoch e holds, for dataset index i, exactly
+    weak_view / strong_view / weak_view (third) of image i with the three parts of example_seed(seed, e, i),
+    and the epoch's order is epoch_order(seed, e)."""
+    from cmsf_tf.data import augment
+
+    rng = np.random.default_rng(5)
+    src = sources.InMemorySource("random", rng.integers(0, 256, (12, 20, 20, 3), np.uint8),
+                                 rng.integers(0, 3, 12).astype(np.int32), None, None, 3)
+    batches = list(stream(src, 3, epochs=(1, 2), third_view=True))
+    order = pipeline.epoch_order(12, ARGS["seed"], 1).numpy()
+    np.testing.assert_array_equal(np.concatenate([b["index"].numpy() for b in batches]), order)
+    scale = (ARGS["crop_min_scale"], 1.0)
+    for batch in batches:
+        for j, index in enumerate(batch["index"].numpy()):
+            s = tf.random.experimental.stateless_split(pipeline.example_seed(ARGS["seed"], 1, index), 3)
+            image = src.train_images[index]
+            want = {"weak": augment.weak_view(image, 16, s[0], crop_scale=scale),
+                    "strong": augment.strong_view(image, 16, s[1], crop_scale=scale, blur_p=ARGS["blur_prob"]),
+                    "third": augment.weak_view(image, 16, s[2], crop_scale=scale)}
+            for key, view in want.items():
+                np.testing.assert_allclose(batch[key][j].numpy(), view.numpy(), atol=1e-6, err_msg=key)
+            assert batch["label"][j] == src.train_labels[index] == batch["true_label"][j]
+
+
 def test_label_plan_in_the_graph_equals_the_numpy_labels():
     n, classes = 200, 5
     true = np.arange(n, dtype=np.int32) % classes
