@@ -1,7 +1,11 @@
-"""The only place absl FLAGS are defined and read.
+"""Every setting of the command lines, written once, and the validated configs the library takes.
 
-`from_flags()` validates every flag at start-up and returns a frozen `Config`; library code takes plain
-arguments from it. Any problem is raised as `UsageError` with one sentence for the user.
+Each setting is one row of TRAIN_SETTINGS or EVAL_SETTINGS (name, kind, default, help, its check, whether
+it is part of a run's identity); the absl flags, the `Config` dataclass, the generic checks and the run
+identity are made from the rows. Importing this module defines no flag: the entry points (cmsf_tf.train,
+cmsf_tf.evaluate, cmsf_tf.export) call `define_flags()`, so a program that imports cmsf_tf can define
+its own flags. `from_flags()` validates every flag at start-up and returns a frozen `Config`; `make()`
+does the same from keyword arguments. Any problem is raised as `UsageError` with one sentence for the user.
 """
 
 import dataclasses
@@ -25,182 +29,216 @@ def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if no_gpu else "2")
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One command-line setting. `kind`: string, integer, float, bool or list (absl's DEFINE_<kind>).
+    `minimum` (integers): the smallest value allowed; `choices` (strings): the values allowed;
+    `identity`: part of what makes a run the run it is (resuming it with another value is refused)."""
+
+    name: str
+    kind: str
+    default: object
+    help: str
+    minimum: object = None
+    choices: tuple = ()
+    identity: bool = False
+
+    def check(self, value):
+        """Raises UsageError when `value` breaks this setting's own rule."""
+        if self.choices and value not in self.choices:
+            raise UsageError(f"unknown --{self.name} {value!r}; choose one of: {', '.join(self.choices)}")
+        if self.minimum is not None and value < self.minimum:
+            rule = "must not be negative" if self.minimum == 0 else f"must be at least {self.minimum}"
+            raise UsageError(f"--{self.name} {rule} (got {value})")
+
+
 _METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "cmsf_pseudo", "xent")  # checked against cmsf_tf.methods.METHODS by the tests
 _ARCHS = ("resnet50", "resnet18", "resnet18_small")
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _PRECISIONS = ("float32", "bfloat16", "float16")
 
-flags.DEFINE_string("method", "msf", f"Training method: {', '.join(_METHODS)}.")
-flags.DEFINE_string("dataset", "fashion_mnist", f"Data set: {', '.join(sources.DATASETS)}.")
-flags.DEFINE_string("data_dir", "", "Directory of the data set (default: the data set's usual place).")
-flags.DEFINE_string("class_list", "", "--dataset=folder: only these class folders (imagenet100: the CMSF code's "
-                    "subset; imagenet100_cmc: CMC's; or a file of folder names, one per line).")
-flags.DEFINE_float("max_corrupt_fraction", 0.001, "--dataset=folder: corrupt images are skipped and reported; "
-                   "more than this fraction of a split is an error.")
-flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer of record sources (tfrecord, streamed TFDS).")
-flags.DEFINE_string("model_dir", None, "Where the run writes flags.json, checkpoints/, tensorboard/, result.json.")
-flags.DEFINE_string("arch", "resnet50", f"Backbone: {', '.join(_ARCHS)} (resnet18_small: 3x3 stem for 28-64 px).")
-flags.DEFINE_integer("width", 64, "Channels of the first ResNet stage (64 = standard; smaller for CPU demos).")
-flags.DEFINE_integer("image_size", 224, "Side of the training and evaluation crops, in pixels.")
-flags.DEFINE_integer("epochs", 200, "Training epochs.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size (over all replicas).")
-flags.DEFINE_float("learning_rate", 0.05, "Peak SGD learning rate (used as given; not rescaled by batch size).")
-flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up before the cosine decay.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 1e-4, "L2 penalty on every weight (PyTorch SGD weight_decay semantics).")
-flags.DEFINE_float("ema_momentum", 0.99, "Target network EMA momentum m: target = m*target + (1-m)*online.")
-flags.DEFINE_integer("bank_size", 128000, "Rows of the memory bank; a multiple of --batch_size.")
-flags.DEFINE_integer("topk", 5, "Neighbours the query is pulled towards (byol uses 1).")
-flags.DEFINE_integer("topk_prime", 5, "cmsf_2q: neighbours k' of the previous view that form the constraint set.")
-flags.DEFINE_string("cmsf_2q_view", "pool", "cmsf_2q: where t' comes from: pool (each image's previous target, "
-                    "kept per image) or third (a third augmentation through the target every step: one more "
-                    "target forward pass per image, no pool memory).")
-flags.DEFINE_string("pool_dtype", "float32", "cmsf_2q/cmsf_km per-image pool: float32 or bfloat16 (half the "
-                    "memory; ImageNet x 512: 2Q 5.2 / 2.6 GB, KM 2.6 / 1.3 GB per replica).")
-flags.DEFINE_string("constraint_fill", "nearest", "cmsf_sup/cmsf_km/cmsf_pseudo: when fewer than --topk bank rows "
-                    "satisfy the constraint, fill with the query's nearest other rows (nearest) or with arbitrary "
-                    "rows as the paper's code does (official: every other row at distance 5.0, ties).")
-flags.DEFINE_integer("num_clusters", 50000, "cmsf_km: k-means clusters (paper: 50,000 on ImageNet).")
-flags.DEFINE_integer("kmeans_iters", 20, "cmsf_km: k-means iterations per epoch end.")
-flags.DEFINE_string("kmeans_init", "random", "cmsf_km: random or kmeans++ (greedy k-means++: better clusters, "
-                    "k sequential passes over the pool; too slow for 50,000 clusters of ImageNet).")
-flags.DEFINE_float("conf_threshold", 0.85, "cmsf_pseudo: smallest pseudo-label probability that constrains an "
-                   "unlabelled query (below it: plain MSF neighbours).")
-flags.DEFINE_integer("sup_bank_size", 128000, "cmsf_pseudo: rows of the cache of labelled target embeddings the "
-                     "pseudo-label head trains on.")
-flags.DEFINE_bool("pseudo_cache_confident", False, "cmsf_pseudo: also cache confidently pseudo-labelled images.")
-flags.DEFINE_integer("pseudo_epochs", 10, "cmsf_pseudo: passes over the cache per head-training round (a round at "
-                     "the middle and at the end of every epoch).")
-flags.DEFINE_float("pseudo_lr", 0.01, "cmsf_pseudo: SGD learning rate of the head (momentum 0.9; paper: 0.01).")
-flags.DEFINE_float("pseudo_weight_decay", 1e-4, "cmsf_pseudo: weight decay of the head's SGD (paper: 1e-4).")
-flags.DEFINE_list("pseudo_milestones", ["15", "30", "40"], "cmsf_pseudo: passes after which the head's lr is divided "
-                  "by 10 (the paper's code: 15,30,40, which 10 passes never reach, so the lr stays constant).")
-flags.DEFINE_integer("pseudo_batch_size", 256, "cmsf_pseudo: batch size of head training.")
-flags.DEFINE_float("label_smoothing", 0.0, "xent: label smoothing of the cross-entropy targets.")
-flags.DEFINE_float("crop_min_scale", 0.2, "Smallest area fraction of the random resized crops (paper: 0.2).")
-flags.DEFINE_float("blur_prob", 0.5, "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px).")
-flags.DEFINE_string("label_split", "", "Labelled subset: percent:P (class-stratified, seeded by --seed), "
-                    "imagenet_1percent / imagenet_10percent (the paper's ImageNet lists, shipped), or a file of "
-                    "image names (tools/make_label_split.py); the other training images get label -1. Empty: every "
-                    "image is labelled.")
-flags.DEFINE_float("label_noise", 0.0, "Percent of training labels replaced by another class (seeded by --seed).")
-flags.DEFINE_string("label_noise_file", "", "A corruption list instead: lines '<image name> <label>' that replace "
-                    "those images' training labels; the paper's lists ('<class dir>/<file name> <class index>' for "
-                    "every training image) are read as they are.")
-flags.DEFINE_integer("proj_hidden", 0, "Hidden width of projector and predictor (0: 2 x backbone features).")
-flags.DEFINE_integer("proj_dim", 0, "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).")
-flags.DEFINE_string("strategy", "default", f"tf.distribute strategy: {', '.join(_STRATEGIES)}.")
-flags.DEFINE_integer("cpu_devices", 1, "With --strategy=mirrored and no GPU: logical CPU devices to mirror over.")
-flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
-flags.DEFINE_string("mixed_precision", "float32", f"Compute dtype policy: {', '.join(_PRECISIONS)}.")
-flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentations.")
-flags.DEFINE_integer("steps_per_epoch", 0, "Cap on steps per epoch (0: the whole training set), for smoke runs.")
-flags.DEFINE_integer("checkpoint_steps", 500, "Also checkpoint every this many steps (0: only at epoch ends).")
-flags.DEFINE_integer("stop_after_steps", 0, "Stop (resumably) once this many global steps are done (0: never).")
-flags.DEFINE_integer("log_steps", 50, "Write step-level TensorBoard scalars every this many steps.")
-flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (bit-exact resume checks; slower).")
-flags.DEFINE_bool("knn_eval", True, "Evaluate 1-NN and 20-NN on the test split at the end into result.json.")
-flags.DEFINE_bool("knn_baselines", False, "Also report k-NN of the untrained network and of raw pixels.")
-flags.DEFINE_integer("eval_batch_size", 512, "Batch size of feature extraction.")
-flags.DEFINE_integer("knn_every", 0, "Every this many epochs (and after the last), 1-NN and 20-NN top-1 of the online "
-                     "backbone on a fixed subset of the test split, into TensorBoard eval/knn_* and "
-                     "knn_curve.jsonl (0: never).")
-flags.DEFINE_integer("knn_every_queries", 2000, "--knn_every: test images evaluated (evenly spaced; 0: all).")
-flags.DEFINE_integer("knn_every_index", 0, "--knn_every: training images in the index (evenly spaced; 0: all).")
-flags.mark_flag_as_required("model_dir")
+TRAIN_SETTINGS = (
+    Setting("method", "string", "msf",
+            f"Training method: {', '.join(_METHODS)}.", choices=_METHODS, identity=True),
+    Setting("dataset", "string", "fashion_mnist",
+            f"Data set: {', '.join(sources.DATASETS)}.", identity=True),
+    Setting("data_dir", "string", "",
+            "Directory of the data set (default: the data set's usual place)."),
+    Setting("class_list", "string", "",
+            "--dataset=folder: only these class folders (imagenet100: the CMSF code's "
+            "subset; imagenet100_cmc: CMC's; or a file of folder names, one per line).", identity=True),
+    Setting("max_corrupt_fraction", "float", 0.001,
+            "--dataset=folder: corrupt images are skipped and reported; "
+            "more than this fraction of a split is an error."),
+    Setting("shuffle_buffer", "integer", 10000,
+            "Shuffle buffer of record sources (tfrecord, streamed TFDS).", minimum=1),
+    Setting("model_dir", "string", None,
+            "Where the run writes flags.json, checkpoints/, tensorboard/, result.json."),
+    Setting("arch", "string", "resnet50",
+            f"Backbone: {', '.join(_ARCHS)} (resnet18_small: 3x3 stem for 28-64 px).", choices=_ARCHS, identity=True),
+    Setting("width", "integer", 64,
+            "Channels of the first ResNet stage (64 = standard; smaller for CPU demos).", minimum=1, identity=True),
+    Setting("image_size", "integer", 224,
+            "Side of the training and evaluation crops, in pixels.", minimum=1, identity=True),
+    Setting("epochs", "integer", 200,
+            "Training epochs.", minimum=1),
+    Setting("batch_size", "integer", 256,
+            "Global batch size (over all replicas).", minimum=1, identity=True),
+    Setting("learning_rate", "float", 0.05,
+            "Peak SGD learning rate (used as given; not rescaled by batch size)."),
+    Setting("warmup_epochs", "integer", 0,
+            "Linear learning-rate warm-up before the cosine decay.", minimum=0),
+    Setting("momentum", "float", 0.9,
+            "SGD momentum."),
+    Setting("weight_decay", "float", 1e-4,
+            "L2 penalty on every weight (PyTorch SGD weight_decay semantics)."),
+    Setting("ema_momentum", "float", 0.99,
+            "Target network EMA momentum m: target = m*target + (1-m)*online."),
+    Setting("bank_size", "integer", 128000,
+            "Rows of the memory bank; a multiple of --batch_size.", minimum=1, identity=True),
+    Setting("topk", "integer", 5,
+            "Neighbours the query is pulled towards (byol uses 1).", minimum=1, identity=True),
+    Setting("topk_prime", "integer", 5,
+            "cmsf_2q: neighbours k' of the previous view that form the constraint set.", minimum=1, identity=True),
+    Setting("cmsf_2q_view", "string", "pool",
+            "cmsf_2q: where t' comes from: pool (each image's previous target, "
+            "kept per image) or third (a third augmentation through the target every step: one more "
+            "target forward pass per image, no pool memory).", choices=("pool", "third"), identity=True),
+    Setting("pool_dtype", "string", "float32",
+            "cmsf_2q/cmsf_km per-image pool: float32 or bfloat16 (half the "
+            "memory; ImageNet x 512: 2Q 5.2 / 2.6 GB, KM 2.6 / 1.3 GB per replica).", choices=("float32", "bfloat16"), identity=True),
+    Setting("constraint_fill", "string", "nearest",
+            "cmsf_sup/cmsf_km/cmsf_pseudo: when fewer than --topk bank rows "
+            "satisfy the constraint, fill with the query's nearest other rows (nearest) or with arbitrary "
+            "rows as the paper's code does (official: every other row at distance 5.0, ties).", choices=("nearest", "official"), identity=True),
+    Setting("num_clusters", "integer", 50000,
+            "cmsf_km: k-means clusters (paper: 50,000 on ImageNet).", minimum=1, identity=True),
+    Setting("kmeans_iters", "integer", 20,
+            "cmsf_km: k-means iterations per epoch end.", minimum=1),
+    Setting("kmeans_init", "string", "random",
+            "cmsf_km: random or kmeans++ (greedy k-means++: better clusters, "
+            "k sequential passes over the pool; too slow for 50,000 clusters of ImageNet).", choices=("random", "kmeans++")),
+    Setting("conf_threshold", "float", 0.85,
+            "cmsf_pseudo: smallest pseudo-label probability that constrains an "
+            "unlabelled query (below it: plain MSF neighbours).", identity=True),
+    Setting("sup_bank_size", "integer", 128000,
+            "cmsf_pseudo: rows of the cache of labelled target embeddings the "
+            "pseudo-label head trains on.", identity=True),
+    Setting("pseudo_cache_confident", "bool", False,
+            "cmsf_pseudo: also cache confidently pseudo-labelled images."),
+    Setting("pseudo_epochs", "integer", 10,
+            "cmsf_pseudo: passes over the cache per head-training round (a round at "
+            "the middle and at the end of every epoch)."),
+    Setting("pseudo_lr", "float", 0.01,
+            "cmsf_pseudo: SGD learning rate of the head (momentum 0.9; paper: 0.01)."),
+    Setting("pseudo_weight_decay", "float", 1e-4,
+            "cmsf_pseudo: weight decay of the head's SGD (paper: 1e-4)."),
+    Setting("pseudo_milestones", "list", ["15", "30", "40"],
+            "cmsf_pseudo: passes after which the head's lr is divided "
+            "by 10 (the paper's code: 15,30,40, which 10 passes never reach, so the lr stays constant)."),
+    Setting("pseudo_batch_size", "integer", 256,
+            "cmsf_pseudo: batch size of head training."),
+    Setting("label_smoothing", "float", 0.0,
+            "xent: label smoothing of the cross-entropy targets.", identity=True),
+    Setting("crop_min_scale", "float", 0.2,
+            "Smallest area fraction of the random resized crops (paper: 0.2)."),
+    Setting("blur_prob", "float", 0.5,
+            "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px)."),
+    Setting("label_split", "string", "",
+            "Labelled subset: percent:P (class-stratified, seeded by --seed), "
+            "imagenet_1percent / imagenet_10percent (the paper's ImageNet lists, shipped), or a file of "
+            "image names (tools/make_label_split.py); the other training images get label -1. Empty: every "
+            "image is labelled.", identity=True),
+    Setting("label_noise", "float", 0.0,
+            "Percent of training labels replaced by another class (seeded by --seed).", identity=True),
+    Setting("label_noise_file", "string", "",
+            "A corruption list instead: lines '<image name> <label>' that replace "
+            "those images' training labels; the paper's lists ('<class dir>/<file name> <class index>' for "
+            "every training image) are read as they are.", identity=True),
+    Setting("proj_hidden", "integer", 0,
+            "Hidden width of projector and predictor (0: 2 x backbone features).", minimum=0, identity=True),
+    Setting("proj_dim", "integer", 0,
+            "Embedding dimension (0: backbone features / 4, i.e. 512 for ResNet-50).", minimum=0, identity=True),
+    Setting("strategy", "string", "default",
+            f"tf.distribute strategy: {', '.join(_STRATEGIES)}.", choices=_STRATEGIES),
+    Setting("cpu_devices", "integer", 1,
+            "With --strategy=mirrored and no GPU: logical CPU devices to mirror over.", minimum=1),
+    Setting("tpu", "string", "",
+            "TPU name or address for --strategy=tpu."),
+    Setting("mixed_precision", "string", "float32",
+            f"Compute dtype policy: {', '.join(_PRECISIONS)}.", choices=_PRECISIONS),
+    Setting("seed", "integer", 0,
+            "Seed of weights, data order and augmentations.", identity=True),
+    Setting("steps_per_epoch", "integer", 0,
+            "Cap on steps per epoch (0: the whole training set), for smoke runs.", minimum=0, identity=True),
+    Setting("checkpoint_steps", "integer", 500,
+            "Also checkpoint every this many steps (0: only at epoch ends).", minimum=0),
+    Setting("stop_after_steps", "integer", 0,
+            "Stop (resumably) once this many global steps are done (0: never).", minimum=0),
+    Setting("log_steps", "integer", 50,
+            "Write step-level TensorBoard scalars every this many steps.", minimum=0),
+    Setting("deterministic", "bool", False,
+            "Deterministic TF ops (bit-exact resume checks; slower)."),
+    Setting("knn_eval", "bool", True,
+            "Evaluate 1-NN and 20-NN on the test split at the end into result.json."),
+    Setting("knn_baselines", "bool", False,
+            "Also report k-NN of the untrained network and of raw pixels."),
+    Setting("eval_batch_size", "integer", 512,
+            "Batch size of feature extraction.", minimum=1),
+    Setting("knn_every", "integer", 0,
+            "Every this many epochs (and after the last), 1-NN and 20-NN top-1 of the online "
+            "backbone on a fixed subset of the test split, into TensorBoard eval/knn_* and "
+            "knn_curve.jsonl (0: never).", minimum=0),
+    Setting("knn_every_queries", "integer", 2000,
+            "--knn_every: test images evaluated (evenly spaced; 0: all).", minimum=0),
+    Setting("knn_every_index", "integer", 0,
+            "--knn_every: training images in the index (evenly spaced; 0: all).", minimum=0),
+)
 
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    method: str
-    dataset: str
-    data_dir: str
-    class_list: str
-    max_corrupt_fraction: float
-    shuffle_buffer: int
-    model_dir: str
-    arch: str
-    width: int
-    image_size: int
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    warmup_epochs: int
-    momentum: float
-    weight_decay: float
-    ema_momentum: float
-    bank_size: int
-    topk: int
-    topk_prime: int
-    cmsf_2q_view: str
-    constraint_fill: str
-    pool_dtype: str
-    num_clusters: int
-    kmeans_iters: int
-    kmeans_init: str
-    conf_threshold: float
-    sup_bank_size: int
-    pseudo_cache_confident: bool
-    pseudo_epochs: int
-    pseudo_lr: float
-    pseudo_weight_decay: float
-    pseudo_milestones: tuple
-    pseudo_batch_size: int
-    label_smoothing: float
-    crop_min_scale: float
-    label_split: str
-    label_noise: float
-    label_noise_file: str
-    blur_prob: float
-    proj_hidden: int
-    proj_dim: int
-    strategy: str
-    cpu_devices: int
-    tpu: str
-    mixed_precision: str
-    seed: int
-    steps_per_epoch: int
-    checkpoint_steps: int
-    stop_after_steps: int
-    log_steps: int
-    deterministic: bool
-    knn_eval: bool
-    knn_baselines: bool
-    eval_batch_size: int
-    knn_every: int
-    knn_every_queries: int
-    knn_every_index: int
+def define_flags():
+    """Defines the absl flags of every setting (train, evaluate and export share one namespace, as the
+    CLIs share flag names). Idempotent. Called by the entry points before absl parses the command line;
+    --model_dir is required there."""
+    for setting in TRAIN_SETTINGS + EVAL_SETTINGS:
+        if setting.name not in FLAGS:
+            getattr(flags, f"DEFINE_{setting.kind}")(setting.name, setting.default, setting.help)
+    flags.mark_flag_as_required("model_dir")
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+
+def _to_dict(self):
+    return dataclasses.asdict(self)
+
+
+# The frozen config of a training run: one field per TRAIN_SETTINGS row, in its order.
+Config = dataclasses.make_dataclass("Config", [(s.name, object) for s in TRAIN_SETTINGS], frozen=True,
+                                    namespace={"to_dict": _to_dict, "__module__": __name__})
+RUN_IDENTITY = tuple(s.name for s in TRAIN_SETTINGS if s.identity)
+_TRAIN = {s.name: s for s in TRAIN_SETTINGS}
 
 
 def _flag_value(name, value):
-    return tuple(value) if name == "pseudo_milestones" else value
+    return tuple(value) if _TRAIN[name].kind == "list" else value
 
 
 def from_flags():
-    cfg = Config(**{f.name: _flag_value(f.name, FLAGS[f.name].value) for f in dataclasses.fields(Config)})
+    """The validated Config of the parsed command line (define_flags() first)."""
+    cfg = Config(**{s.name: _flag_value(s.name, FLAGS[s.name].value) for s in TRAIN_SETTINGS})
     validate(cfg)
     return cfg
 
 
 def make(**values):
-    """A validated Config from the flags' defaults and `values`: the programmatic way to describe a run."""
-    unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
+    """A validated Config from the settings' defaults and `values`: the programmatic way to describe a run
+    (no flags involved)."""
+    unknown = set(values) - set(_TRAIN)
     if unknown:
         raise UsageError(f"unknown settings: {', '.join(sorted(unknown))}")
-    cfg = Config(**{f.name: _flag_value(f.name, values.get(f.name, FLAGS[f.name].default))
-                    for f in dataclasses.fields(Config)})
+    cfg = Config(**{s.name: _flag_value(s.name, values.get(s.name, s.default)) for s in TRAIN_SETTINGS})
     validate(cfg)
     return cfg
-
-
-def _choice(value, name, choices):
-    if value not in choices:
-        raise UsageError(f"unknown --{name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def label_split_percent(value):
@@ -222,24 +260,10 @@ def _finite(cfg):
 def validate(cfg):
     """Raises UsageError on the first problem with the flag values (data and paths are checked later)."""
     _finite(cfg)
-    _choice(cfg.method, "method", _METHODS)
-    _choice(cfg.arch, "arch", _ARCHS)
+    for setting in TRAIN_SETTINGS:  # each setting's own rule (choices, minimum) from its row
+        setting.check(getattr(cfg, setting.name))
     if not sources.is_known(cfg.dataset):
         raise UsageError(f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
-    _choice(cfg.strategy, "strategy", _STRATEGIES)
-    _choice(cfg.mixed_precision, "mixed_precision", _PRECISIONS)
-    _choice(cfg.cmsf_2q_view, "cmsf_2q_view", ("pool", "third"))
-    _choice(cfg.constraint_fill, "constraint_fill", ("nearest", "official"))
-    _choice(cfg.pool_dtype, "pool_dtype", ("float32", "bfloat16"))
-    _choice(cfg.kmeans_init, "kmeans_init", ("random", "kmeans++"))
-    for name in ("epochs", "batch_size", "bank_size", "topk", "image_size", "width", "cpu_devices",
-                 "eval_batch_size", "shuffle_buffer", "topk_prime", "num_clusters", "kmeans_iters"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("steps_per_epoch", "checkpoint_steps", "stop_after_steps", "log_steps", "warmup_epochs",
-                 "proj_hidden", "proj_dim", "knn_every", "knn_every_queries", "knn_every_index"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if not cfg.learning_rate > 0:
         raise UsageError(f"--learning_rate must be positive (got {cfg.learning_rate})")
     if cfg.method == "cmsf_pseudo":
@@ -292,52 +316,91 @@ PROTOCOLS = ("knn", "linear", "semi", "finetune", "transfer")
 TRANSFER_DATASETS = ("cifar10", "cifar100", "food101", "sun397", "cars196", "dtd", "oxford_iiit_pet",
                      "caltech101", "oxford_flowers102")
 
-flags.DEFINE_string("checkpoint", "", "evaluate/export: checkpoint prefix (default: the newest in --model_dir).")
-flags.DEFINE_string("encoder", "online", "evaluate/export: the online backbone or the EMA target's.")
-flags.DEFINE_string("saved_model", "", "evaluate: an exported SavedModel instead of a checkpoint (results go to "
-                    "--model_dir/eval/).")
-flags.DEFINE_string("export_dir", "", "export: the SavedModel directory to write.")
-flags.DEFINE_list("knn_k", ["1", "20"], "knn: numbers of neighbours.")
-flags.DEFINE_string("knn_vote", "majority", "knn: majority (the paper's code) or weighted (exp(sim / T) per "
-                    "neighbour, T = --knn_temperature).")
-flags.DEFINE_float("knn_temperature", 0.07, "knn: temperature of the weighted vote.")
-flags.DEFINE_string("knn_search", "exact", "knn: ScaNN brute force (exact) or tree + hashing + re-ranking (approx).")
-flags.DEFINE_bool("cache_features", True, "knn/linear: keep extracted features in --model_dir/eval/features/ and "
-                  "reuse them (a re-run with another k or vote is instant).")
-flags.DEFINE_string("index_split", "all", "knn: the index is all training images, or only the labelled ones of "
-                    "--label_split (semi-supervised 1-NN).")
-flags.DEFINE_integer("linear_epochs", 40, "linear: epochs (paper: 40).")
-flags.DEFINE_float("linear_lr", 0.01, "linear: SGD learning rate, momentum 0.9 (paper: 0.01).")
-flags.DEFINE_list("linear_milestones", ["15", "30"], "linear: epochs after which the lr is divided by 10 (paper: "
-                  "15,30).")
-flags.DEFINE_integer("linear_batch_size", 256, "linear: batch size (paper: 256).")
-flags.DEFINE_float("linear_weight_decay", 1e-4, "linear: SGD weight decay on weight and bias (paper: 1e-4).")
-flags.DEFINE_bool("linear_augment", True, "linear: train on features of a fresh random resized crop + flip of every "
-                  "image every epoch (the paper's probe: one backbone pass per image per epoch); "
-                  "--nolinear_augment: on cached centre-crop features (fast, not the paper's).")
-flags.DEFINE_float("linear_crop_min_scale", 0.08, "linear: smallest area fraction of the training crops (paper: "
-                   "0.08, torchvision's default).")
-flags.DEFINE_integer("semi_epochs", 20, "semi: epochs of head training on the labelled subset (paper: 20).")
-flags.DEFINE_float("semi_lr", 0.001, "semi: SGD learning rate, momentum 0.9 (paper: 0.001).")
-flags.DEFINE_list("semi_milestones", ["15", "35", "50"], "semi: epochs after which the lr is divided by 10 (paper: "
-                  "15,35,50, of which 20 epochs reach 15).")
-flags.DEFINE_integer("semi_batch_size", 256, "semi: batch size (paper: 256).")
-flags.DEFINE_float("semi_weight_decay", 1e-4, "semi: SGD weight decay on every head parameter (paper: 1e-4).")
-flags.DEFINE_float("semi_crop_min_scale", 0.08, "semi: smallest area fraction of the training crops (paper: 0.08).")
-flags.DEFINE_integer("finetune_epochs", 20, "finetune: epochs of full fine-tuning (backbone and head; not the "
-                     "paper's semi-supervised protocol, which is `semi`).")
-flags.DEFINE_float("finetune_lr", 0.001, "finetune: backbone learning rate, cosine decay.")
-flags.DEFINE_float("finetune_head_lr", 0.01, "finetune: learning rate of the new linear head.")
-flags.DEFINE_integer("finetune_batch_size", 256, "finetune: batch size.")
-flags.DEFINE_float("finetune_weight_decay", 0.0, "finetune: L2 penalty on every weight.")
-flags.DEFINE_float("finetune_crop_min_scale", 0.08, "finetune: smallest area fraction of the random resized crops "
-                   "(0.08: the supervised ImageNet setting; small images need more, e.g. 0.5 at 28 px).")
-flags.DEFINE_list("transfer_datasets", list(TRANSFER_DATASETS), "transfer: TFDS names, or folder:PATH / tfrecord:PATH.")
-flags.DEFINE_string("transfer_data_dir", "", "transfer: TFDS data dir of the transfer data sets.")
-flags.DEFINE_list("transfer_l2", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], "transfer: L2 strengths tried.")
-flags.DEFINE_float("transfer_val_fraction", 0.2, "transfer: part of each training set held out to choose the L2.")
-flags.DEFINE_integer("transfer_max_iter", 1000, "transfer: L-BFGS iterations at most per fit (it stops earlier "
-                     "once the largest gradient entry is below 1e-6).")
+EVAL_SETTINGS = (
+    Setting("checkpoint", "string", "",
+            "evaluate/export: checkpoint prefix (default: the newest in --model_dir)."),
+    Setting("encoder", "string", "online",
+            "evaluate/export: the online backbone or the EMA target's.", choices=("online", "target")),
+    Setting("saved_model", "string", "",
+            "evaluate: an exported SavedModel instead of a checkpoint (results go to "
+            "--model_dir/eval/)."),
+    Setting("export_dir", "string", "",
+            "export: the SavedModel directory to write."),
+    Setting("knn_k", "list", ["1", "20"],
+            "knn: numbers of neighbours."),
+    Setting("knn_vote", "string", "majority",
+            "knn: majority (the paper's code) or weighted (exp(sim / T) per "
+            "neighbour, T = --knn_temperature).", choices=("majority", "weighted")),
+    Setting("knn_temperature", "float", 0.07,
+            "knn: temperature of the weighted vote."),
+    Setting("knn_search", "string", "exact",
+            "knn: ScaNN brute force (exact) or tree + hashing + re-ranking (approx).", choices=("exact", "approx")),
+    Setting("cache_features", "bool", True,
+            "knn/linear: keep extracted features in --model_dir/eval/features/ and "
+            "reuse them (a re-run with another k or vote is instant)."),
+    Setting("index_split", "string", "all",
+            "knn: the index is all training images, or only the labelled ones of "
+            "--label_split (semi-supervised 1-NN).", choices=("all", "labelled")),
+    Setting("linear_epochs", "integer", 40,
+            "linear: epochs (paper: 40).", minimum=1),
+    Setting("linear_lr", "float", 0.01,
+            "linear: SGD learning rate, momentum 0.9 (paper: 0.01)."),
+    Setting("linear_milestones", "list", ["15", "30"],
+            "linear: epochs after which the lr is divided by 10 (paper: "
+            "15,30)."),
+    Setting("linear_batch_size", "integer", 256,
+            "linear: batch size (paper: 256).", minimum=1),
+    Setting("linear_weight_decay", "float", 1e-4,
+            "linear: SGD weight decay on weight and bias (paper: 1e-4)."),
+    Setting("linear_augment", "bool", True,
+            "linear: train on features of a fresh random resized crop + flip of every "
+            "image every epoch (the paper's probe: one backbone pass per image per epoch); "
+            "--nolinear_augment: on cached centre-crop features (fast, not the paper's)."),
+    Setting("linear_crop_min_scale", "float", 0.08,
+            "linear: smallest area fraction of the training crops (paper: "
+            "0.08, torchvision's default)."),
+    Setting("semi_epochs", "integer", 20,
+            "semi: epochs of head training on the labelled subset (paper: 20).", minimum=1),
+    Setting("semi_lr", "float", 0.001,
+            "semi: SGD learning rate, momentum 0.9 (paper: 0.001)."),
+    Setting("semi_milestones", "list", ["15", "35", "50"],
+            "semi: epochs after which the lr is divided by 10 (paper: "
+            "15,35,50, of which 20 epochs reach 15)."),
+    Setting("semi_batch_size", "integer", 256,
+            "semi: batch size (paper: 256).", minimum=1),
+    Setting("semi_weight_decay", "float", 1e-4,
+            "semi: SGD weight decay on every head parameter (paper: 1e-4)."),
+    Setting("semi_crop_min_scale", "float", 0.08,
+            "semi: smallest area fraction of the training crops (paper: 0.08)."),
+    Setting("finetune_epochs", "integer", 20,
+            "finetune: epochs of full fine-tuning (backbone and head; not the "
+            "paper's semi-supervised protocol, which is `semi`).", minimum=1),
+    Setting("finetune_lr", "float", 0.001,
+            "finetune: backbone learning rate, cosine decay."),
+    Setting("finetune_head_lr", "float", 0.01,
+            "finetune: learning rate of the new linear head."),
+    Setting("finetune_batch_size", "integer", 256,
+            "finetune: batch size.", minimum=1),
+    Setting("finetune_weight_decay", "float", 0.0,
+            "finetune: L2 penalty on every weight."),
+    Setting("finetune_crop_min_scale", "float", 0.08,
+            "finetune: smallest area fraction of the random resized crops "
+            "(0.08: the supervised ImageNet setting; small images need more, e.g. 0.5 at 28 px)."),
+    Setting("transfer_datasets", "list", list(TRANSFER_DATASETS),
+            "transfer: TFDS names, or folder:PATH / tfrecord:PATH."),
+    Setting("transfer_data_dir", "string", "",
+            "transfer: TFDS data dir of the transfer data sets."),
+    Setting("transfer_l2", "list", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
+            "transfer: L2 strengths tried."),
+    Setting("transfer_val_fraction", "float", 0.2,
+            "transfer: part of each training set held out to choose the L2."),
+    Setting("transfer_max_iter", "integer", 1000,
+            "transfer: L-BFGS iterations at most per fit (it stops earlier "
+            "once the largest gradient entry is below 1e-6).", minimum=1),
+)
+
+
+_EVAL = {s.name: s for s in EVAL_SETTINGS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,14 +493,9 @@ def eval_from_flags(protocol):
         transfer_data_dir=FLAGS.transfer_data_dir, transfer_l2=l2, transfer_val_fraction=FLAGS.transfer_val_fraction,
         transfer_max_iter=FLAGS.transfer_max_iter)
     _finite(cfg)
-    _choice(cfg.encoder, "encoder", ("online", "target"))
-    _choice(cfg.knn_vote, "knn_vote", ("majority", "weighted"))
-    _choice(cfg.knn_search, "knn_search", ("exact", "approx"))
-    _choice(cfg.index_split, "index_split", ("all", "labelled"))
-    for name in ("linear_epochs", "linear_batch_size", "semi_epochs", "semi_batch_size", "finetune_epochs",
-                 "finetune_batch_size", "eval_batch_size", "transfer_max_iter"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    for setting in EVAL_SETTINGS + (_TRAIN["eval_batch_size"],):  # each setting's own rule from its row
+        if setting.kind != "list":
+            setting.check(getattr(cfg, setting.name))
     for name in ("linear_lr", "semi_lr", "finetune_lr", "finetune_head_lr", "knn_temperature"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"--{name} must be positive (got {getattr(cfg, name)})")
@@ -470,7 +528,7 @@ class ExportConfig:
 
 def export_from_flags():
     cfg = ExportConfig(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.export_dir)
-    _choice(cfg.encoder, "encoder", ("online", "target"))
+    _EVAL["encoder"].check(cfg.encoder)
     if not cfg.export_dir:
         raise UsageError("--export_dir is required: where to write the SavedModel")
     return cfg

@@ -355,6 +355,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config.define_flags()
     config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)

@@ -18,12 +18,6 @@ from absl import app
 
 from cmsf_tf import config
 
-# Flags whose change would make a checkpoint in --model_dir mean something else.
-_RUN_IDENTITY = ("method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
-                 "topk_prime", "cmsf_2q_view", "constraint_fill", "pool_dtype", "num_clusters",
-                 "proj_hidden", "proj_dim", "seed", "steps_per_epoch", "label_split", "label_noise",
-                 "label_noise_file", "label_smoothing", "sup_bank_size", "conf_threshold")
-
 
 def is_chief_process(cfg):
     """Whether this process owns --model_dir: always, except the non-chief workers of a multi-worker
@@ -61,7 +55,7 @@ def prepare_model_dir(cfg):
     except rundir.RunDirError as e:
         raise config.UsageError(str(e)) from None
     if previous is not None:
-        for name in _RUN_IDENTITY:
+        for name in config.RUN_IDENTITY:
             if name in previous and previous[name] != getattr(cfg, name):
                 raise config.UsageError(
                     f"--model_dir {path} holds a run with --{name}={previous[name]}, but this one asks for "
@@ -376,6 +370,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config.define_flags()
     config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the progress bar

@@ -13,6 +13,7 @@ FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 
 
 def parse(*args):
+    config.define_flags()  # what the entry points do before absl parses
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["train", *args])
     try:
@@ -61,3 +62,40 @@ def test_noisy_recipes_are_their_clean_recipe_plus_label_noise(noise, monkeypatc
         assert noisy.method == method and noisy.label_noise == noise
         assert {k: v for k, v in noisy.to_dict().items() if k != "label_noise"} == \
             {k: v for k, v in clean.to_dict().items() if k != "label_noise"}
+
+
+def test_settings_table_makes_the_config_and_the_run_identity():
+    assert [f for f in config.Config.__dataclass_fields__] == [s.name for s in config.TRAIN_SETTINGS]
+    # The settings a checkpoint's meaning depends on (resuming with another value is refused).
+    assert set(config.RUN_IDENTITY) == {
+        "method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
+        "topk_prime", "cmsf_2q_view", "constraint_fill", "pool_dtype", "num_clusters", "proj_hidden", "proj_dim",
+        "seed", "steps_per_epoch", "label_split", "label_noise", "label_noise_file", "label_smoothing",
+        "sup_bank_size", "conf_threshold"}
+    names = [s.name for s in config.TRAIN_SETTINGS + config.EVAL_SETTINGS]
+    assert len(names) == len(set(names))
+    assert config.make().to_dict() == {s.name: tuple(s.default) if s.kind == "list" else s.default
+                                       for s in config.TRAIN_SETTINGS}
+
+
+def test_importing_cmsf_tf_defines_no_flag(tmp_path):
+    """A program that imports every public module can define its own --batch_size and --model_dir."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_program.py"
+    script.write_text("""
+import sys
+from absl import app, flags
+flags.DEFINE_integer("batch_size", 7, "the user's own flag")
+flags.DEFINE_string("model_dir", "mine", "the user's own flag")
+import cmsf_tf, cmsf_tf.config, cmsf_tf.train, cmsf_tf.evaluate, cmsf_tf.export, cmsf_tf.ops, cmsf_tf.memory
+import cmsf_tf.methods, cmsf_tf.data.pipeline, cmsf_tf.data.labels, cmsf_tf.eval.knn, cmsf_tf.eval.linear
+def main(argv):
+    print("batch", flags.FLAGS.batch_size, flags.FLAGS.model_dir)
+app.run(main)
+""")
+    out = subprocess.run([sys.executable, str(script), "--batch_size=3"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batch 3 mine" in out.stdout

@@ -166,6 +166,7 @@ def test_transfer_on_two_tfds_mock_data_sets(run_dir, tmp_path):
     from cmsf_tf import config
     from cmsf_tf import evaluate as evaluation
 
+    config.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["evaluate", f"--model_dir={tmp_path}", "--transfer_datasets=cifar10,mnist",
                  f"--checkpoint={tf.train.latest_checkpoint(str(run_dir / 'checkpoints'))}", "--transfer_max_iter=50"])

@@ -112,6 +112,7 @@ def worker(specs):
 
     from cmsf_tf import config, evaluate, train
 
+    config.define_flags()
     config.quiet_tensorflow()
     FLAGS = flags.FLAGS
     for spec in specs:
