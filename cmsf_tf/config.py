@@ -494,7 +494,7 @@ def eval_from_flags(protocol):
         transfer_max_iter=FLAGS.transfer_max_iter)
     _finite(cfg)
     for setting in EVAL_SETTINGS + (_TRAIN["eval_batch_size"],):  # each setting's own rule from its row
-        if setting.kind != "list":
+        if setting.kind != "list" and setting.name in EvalConfig.__dataclass_fields__:  # export_dir: export's
             setting.check(getattr(cfg, setting.name))
     for name in ("linear_lr", "semi_lr", "finetune_lr", "finetune_head_lr", "knn_temperature"):
         if not getattr(cfg, name) > 0:

@@ -282,14 +282,9 @@ def last_epoch_value(record, tag):
     return values[-1][1] if values else None
 
 
-def write_summary(records, floor, out, machine):
-    rows = by_row(records)
-    lines = ["# Fashion-MNIST study: every method, several seeds, one evaluation", "",
-             "Made by `python tools/reproduce_small.py` (`make reproduce`); each run's numbers, commands, k-NN "
-             "curve, epoch logs and rank histograms are in the `<row>_s<seed>.json` files beside this one. "
-             f"Machine: {machine}.", "",
-             "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images.", "",
-             "| row | recipe | epochs | " + " | ".join(label for _, label in METRICS) + " | images/s | minutes |",
+def results_table(rows, floor):
+    """Markdown lines: one row per study row (mean ± std over seeds), and the raw-pixel floors."""
+    lines = ["| row | recipe | epochs | " + " | ".join(label for _, label in METRICS) + " | images/s | minutes |",
              "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for row, recs in rows.items():
         flagfile, extra, _ = ROWS.get(row, ("?", [], 0))
@@ -302,12 +297,46 @@ def write_summary(records, floor, out, machine):
     if floor:
         lines.append("| raw pixels (floor) | – | – | " + " | ".join(
             f"{100 * floor[key]:.1f}" if key in floor else "–" for key, _ in METRICS) + " | – | – |")
+    return lines
+
+
+def ordering_lines(rows):
+    return [f"- **{claim}** (`{metric}`): {ordering_verdict(better, worse, metric, rows)[0]}."
+            for better, worse, metric, claim in ORDERINGS]
+
+
+def write_readme_block(readme, records, floor, planned):
+    """Rewrites the README between <!-- study:start --> and <!-- study:end -->: the study's status, its
+    table and the orderings, from the JSONs (so the README says what the committed results say)."""
+    with open(readme) as f:
+        text = f.read()
+    start, end = "<!-- study:start -->", "<!-- study:end -->"
+    if start not in text or end not in text:
+        sys.exit(f"error: {readme} has no {start} ... {end} block")
+    rows = by_row(records)
+    status = (f"All {planned} runs are done." if len(records) >= planned else
+              f"Status: {len(records)} of {planned} runs done (seed-major: every row's first seed before any "
+              "second seed; `make reproduce` continues the study).")
+    block = [start, status, "", "Top-1 % on the 10,000 test images, mean ± standard deviation over seeds (number of "
+             "seeds); `results/fmnist/summary.md` adds the diagnostics, `results/fmnist/summary.png` the curves and "
+             "rank histograms.", "", *results_table(rows, floor), "",
+             "The paper's orderings, read against the seed spread (generated):", "", *ordering_lines(rows), end]
+    head, rest = text.split(start, 1)
+    with open(readme, "w") as f:
+        f.write(head + "\n".join(block) + rest.split(end, 1)[1])
+
+
+def write_summary(records, floor, out, machine):
+    rows = by_row(records)
+    lines = ["# Fashion-MNIST study: every method, several seeds, one evaluation", "",
+             "Made by `python tools/reproduce_small.py` (`make reproduce`); each run's numbers, commands, k-NN "
+             "curve, epoch logs and rank histograms are in the `<row>_s<seed>.json` files beside this one. "
+             f"Machine: {machine}.", "",
+             "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images.", "",
+             *results_table(rows, floor)]
     lines += ["", "## The paper's orderings", "",
               "A gap counts as resolved when it exceeds the larger of the two rows' seed standard deviations "
-              "(and clearly so beyond twice it).", ""]
-    for better, worse, metric, claim in ORDERINGS:
-        verdict, _ = ordering_verdict(better, worse, metric, rows)
-        lines.append(f"- **{claim}** (`{metric}`): {verdict}.")
+              "(and clearly so beyond twice it).", "", *ordering_lines(rows)]
     lines += ["", "## Diagnostics at the last epoch (mean over seeds)", "",
               "purity: the share of the loss's neighbours (the constrained set where there is one) with the "
               "query's true label; unconstrained: the plain top-k's; rank: mean 0-based rank of the "
@@ -397,6 +426,7 @@ def main():
     parser.add_argument("--data_dir", default="", help="Fashion-MNIST directory (default: the usual place)")
     parser.add_argument("--quick", action="store_true", help="a few steps per method, one seed: a smoke test")
     parser.add_argument("--summary_only", action="store_true", help="rebuild summary.md and the plot only")
+    parser.add_argument("--readme", default="", help="also rewrite this README's <!-- study:start/end --> block")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -467,6 +497,8 @@ def main():
     machine = benchlib.machine()
     write_summary(records, floor, args.out, f"{machine['cpu']}, {machine['cores']} cores")
     write_plot(records, floor, args.out)
+    if args.readme:
+        write_readme_block(args.readme, records, floor, len(plan))
     print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.png ({len(records)} runs)")
     if failed:
         sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
