@@ -53,7 +53,7 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
     before = result.stat().st_mtime_ns
     (out / "msf_s0.json").unlink()
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- study:start -->\nold\n<!-- study:end -->\nafter\n")
+    readme.write_text("intro\n<!-- study:start -->\nSTALE\n<!-- study:end -->\nafter\n")
     printed = study(tmp_path, fmnist_slice, f"--readme={readme}")
     assert "msf_s0: 20-NN" in printed and "byol_s0" not in printed
     assert result.stat().st_mtime_ns == before
