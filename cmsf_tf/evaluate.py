@@ -354,9 +354,14 @@ def main(argv):
     print("\n".join(summary_lines(result)))
 
 
-if __name__ == "__main__":
+def cli():
+    """The `cmsf-evaluate` console script: `python -m cmsf_tf.evaluate`."""
     config.define_flags()
     config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -81,9 +81,14 @@ def main(argv):
     print(f"exported the {cfg.encoder} backbone of {enc.info['path']} (step {enc.info['step']}) to {cfg.export_dir}")
 
 
-if __name__ == "__main__":
+def cli():
+    """The `cmsf-export` console script: `python -m cmsf_tf.export`."""
     config.define_flags()
     config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # SavedModel writing logs every asset and shard at INFO
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -369,9 +369,14 @@ def main(argv):
         print("\n".join(summary_lines(result)))
 
 
-if __name__ == "__main__":
+def cli():
+    """The `cmsf-train` console script: `python -m cmsf_tf.train`."""
     config.define_flags()
     config.quiet_tensorflow()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the progress bar
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
