@@ -477,6 +477,8 @@ def main():
                 continue
             commands = {"train": "python -m cmsf_tf.train " + " ".join(spec["train"])}
             commands.update({n: f"python -m cmsf_tf.evaluate {p} " + " ".join(a) for n, p, a in spec["evals"]})
+            # As run from the checkout with the default --runs: no machine's absolute paths in the record.
+            commands = {n: c.replace(os.path.abspath(args.runs), "runs/fmnist") for n, c in commands.items()}
             record = collect(row, seed, spec["model_dir"], commands)
             out_path = os.path.join(args.out, f"{name}.json")
             with open(out_path + ".tmp", "w") as f:
