@@ -253,16 +253,19 @@ def run(cfg, log=print):
         cfg, steps_per_epoch=steps_per_epoch, logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None,
         log=log)
     callbacks.append(saver)
-    if chief:
-        from cmsf_tf.callbacks import monitor
+    from cmsf_tf.callbacks import monitor
 
-        logdir = os.path.join(cfg.model_dir, "tensorboard")
-        if cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
-            callbacks.append(monitor.KnnMonitor(
-                cfg.knn_every, source, cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
-                queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
-                curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log))
-        callbacks.append(monitor.RankHistograms(logdir, os.path.join(cfg.model_dir, monitor.RANK_HISTOGRAMS)))
+    logdir = os.path.join(cfg.model_dir, "tensorboard")
+    if chief and cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
+        callbacks.append(monitor.KnnMonitor(
+            cfg.knn_every, source, cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
+            queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
+            curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log))
+    # On every worker: reading the rank histogram (an on-read metric variable) is a collective across
+    # workers under MultiWorkerMirroredStrategy; only the chief writes it.
+    callbacks.append(monitor.RankHistograms(logdir if chief else None,
+                                            os.path.join(cfg.model_dir, monitor.RANK_HISTOGRAMS) if chief else None))
+    if chief:
         callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
 
     train_started, first_step = time.time(), step

@@ -129,7 +129,8 @@ class RankHistograms(keras.callbacks.Callback):
     that the model's `rank_tracker` (methods.base.RankHistogram) counted over the epoch: TensorBoard
     histogram constraint/rank_histogram at the global step, and one JSON line {epoch, step, counts} (counts
     per rank 0, 1, ...; the last bin holds every rank beyond it). Nothing for methods without a
-    constraint."""
+    constraint. Give it to every worker of a multi-worker run (the read is a collective), with `logdir`
+    and `path` on the chief only."""
 
     def __init__(self, logdir=None, path=None):
         super().__init__()
