@@ -33,8 +33,11 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from cmsf_tf.config import quiet_tensorflow  # noqa: E402  (no TensorFlow: config is absl and NumPy only)
+
+quiet_tensorflow()  # before any TensorFlow import: no INFO lines, no CUDA error on a machine without a GPU
 
 # row: (flagfile, extra training flags, seeds). Three seeds for the rows whose ordering is the paper's
 # main claim, two for the others.
@@ -411,6 +414,8 @@ def write_plot(records, floor, out):
                ylabel="fraction", title=f"{row}: where the constrained neighbours come from")
         if shown:
             ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {row} run yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "summary.png"), dpi=110)
     plt.close(fig)
