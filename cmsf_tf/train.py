@@ -245,17 +245,15 @@ def run(cfg, log=print):
 
     guard = DivergenceGuard()
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
-    callbacks = [guard]
+    from cmsf_tf.callbacks import monitor
     from cmsf_tf.methods import METHODS
 
-    # The method's own callbacks (k-means, pseudo-label head) run before the saver: the checkpoint holds their work.
-    callbacks += METHODS[cfg.method].training_callbacks(
-        cfg, steps_per_epoch=steps_per_epoch, logdir=os.path.join(cfg.model_dir, "tensorboard") if chief else None,
-        log=log)
-    callbacks.append(saver)
-    from cmsf_tf.callbacks import monitor
-
     logdir = os.path.join(cfg.model_dir, "tensorboard")
+    callbacks = [guard]
+    # The method's own callbacks (k-means, pseudo-label head) run before the saver: the checkpoint holds their work.
+    callbacks += METHODS[cfg.method].training_callbacks(cfg, steps_per_epoch=steps_per_epoch,
+                                                        logdir=logdir if chief else None, log=log)
+    callbacks.append(saver)
     if chief and cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
         callbacks.append(monitor.KnnMonitor(
             cfg.knn_every, source, cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
@@ -291,8 +289,6 @@ def run(cfg, log=print):
 
     if cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, source, cfg, log))
-    from cmsf_tf.callbacks import monitor
-
     curve = monitor.read_jsonl(os.path.join(cfg.model_dir, monitor.KNN_CURVE))
     if curve:
         result["knn_curve"] = curve
@@ -313,18 +309,12 @@ def run(cfg, log=print):
 def knn_evaluation(encoder, source, cfg, log):
     import tensorflow as tf
 
-    from cmsf_tf.data import pipeline
     from cmsf_tf.eval import knn
 
     log("k-NN evaluation on the test split ...")
     features = tf.function(lambda images: encoder(images, training=False))
-    train_feats, train_labels = knn.features_and_labels(
-        features, pipeline.eval_split(source, "train", cfg.image_size, cfg.eval_batch_size))
-    test_feats, test_labels = knn.features_and_labels(
-        features, pipeline.eval_split(source, "test", cfg.image_size, cfg.eval_batch_size))
-    ks = tuple(k for k in (1, 20) if k <= len(train_feats))  # a tiny training set has no 20-NN
-    return knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=ks,
-                            num_classes=source.num_classes)
+    result, _, _ = knn.split_knn(features, source, cfg.image_size, cfg.eval_batch_size)
+    return result
 
 
 def raw_pixel_knn(source):

@@ -196,6 +196,12 @@ def collect(row, seed, model_dir, commands):
     return record
 
 
+def record_json(record):
+    """A run's record as JSON with one top-level key per line and each value on its line: the rank
+    histograms (up to 1,024 counts per epoch) and curves stay a few lines instead of one line per number."""
+    return "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in record.items()) + "\n}\n"
+
+
 def floors(data_dir, out):
     """Raw-pixel floors of the protocols (cosine k-NN on pixels, the linear probe on standardised
     pixels), computed once into <out>/floors.json."""
@@ -487,7 +493,7 @@ def main():
             record = collect(row, seed, spec["model_dir"], commands)
             out_path = os.path.join(args.out, f"{name}.json")
             with open(out_path + ".tmp", "w") as f:
-                json.dump(record, f, indent=1)
+                f.write(record_json(record))
             os.replace(out_path + ".tmp", out_path)
             done += 1
             print(f"  {name}: 20-NN {100 * record['knn_top1_k20']:.1f}%, linear {100 * record.get('linear_top1', 0):.1f}% "

@@ -73,23 +73,17 @@ class KnnMonitor(keras.callbacks.Callback):
 
     def measure(self):
         """{knn_top1_k1, knn_top1_k20, queries, index, seconds} of the current online backbone."""
-        from cmsf_tf.data import pipeline
         from cmsf_tf.eval import knn
 
         started = time.time()
         if self._features is None:
             backbone = self.model.online_backbone
             self._features = tf.function(lambda images: backbone(images, training=False))
-        index_keep = evenly_spaced(self.source.num_train, self.index)
-        query_keep = evenly_spaced(self.source.num_test, self.queries)
-        index_feats, index_labels = knn.features_and_labels(self._features, pipeline.eval_split(
-            self.source, "train", self.image_size, self.batch_size, keep=index_keep))
-        query_feats, query_labels = knn.features_and_labels(self._features, pipeline.eval_split(
-            self.source, "test", self.image_size, self.batch_size, keep=query_keep))
-        ks = tuple(k for k in (1, 20) if k <= len(index_feats))
-        result = knn.knn_accuracy(index_feats, index_labels, query_feats, query_labels, ks=ks,
-                                  num_classes=self.source.num_classes)
-        result.update(queries=len(query_labels), index=len(index_labels), seconds=round(time.time() - started, 1))
+        result, index, queries = knn.split_knn(
+            self._features, self.source, self.image_size, self.batch_size,
+            index_keep=evenly_spaced(self.source.num_train, self.index),
+            query_keep=evenly_spaced(self.source.num_test, self.queries))
+        result.update(queries=queries, index=index, seconds=round(time.time() - started, 1))
         return result
 
     def record(self, epochs_done, logs=None):

@@ -25,6 +25,22 @@ def features_and_labels(features, batches, progress=None, dim=None):
     return np.concatenate(feats, axis=0), np.concatenate(labels).astype(np.int32)
 
 
+def split_knn(features, source, image_size, batch_size, index_keep=None, query_keep=None):
+    """(k-NN top-1 {knn_top1_k1, knn_top1_k20}, index size, query count) of a source's test split (the
+    `query_keep` part of it) against its training split (the `index_keep` part), majority vote, exact
+    search: the k-NN of a training run's result and of its per-epoch curve. `features`: images -> [B, D];
+    the keep-functions as pipeline.eval_split takes them."""
+    from cmsf_tf.data import pipeline
+
+    index, index_labels = features_and_labels(
+        features, pipeline.eval_split(source, "train", image_size, batch_size, keep=index_keep))
+    queries, query_labels = features_and_labels(
+        features, pipeline.eval_split(source, "test", image_size, batch_size, keep=query_keep))
+    ks = tuple(k for k in (1, 20) if k <= len(index))  # a tiny training set has no 20-NN
+    return (knn_accuracy(index, index_labels, queries, query_labels, ks=ks, num_classes=source.num_classes),
+            len(index), len(queries))
+
+
 def approx_settings(n, k):
     """ScaNN settings of `approx` search scaled from the index size: ~sqrt(N) leaves of which a tenth
     (at least 32) are searched, anisotropic hashing with 2-dimensional blocks, exact re-ranking of a
