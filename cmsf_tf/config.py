@@ -326,6 +326,10 @@ EVAL_SETTINGS = (
             "--model_dir/eval/)."),
     Setting("export_dir", "string", "",
             "export: the SavedModel directory to write."),
+    Setting("index", "string", "",
+            "export: train adds a ScaNN index of the training set's features and labels "
+            "(the `neighbours` and `classify` endpoints: evaluate knn's search, k and vote; "
+            "--index_split=labelled: only the labelled images).", choices=("train",)),
     Setting("knn_k", "list", ["1", "20"],
             "knn: numbers of neighbours."),
     Setting("knn_vote", "string", "majority",
@@ -524,11 +528,16 @@ class ExportConfig:
     checkpoint: str
     encoder: str
     export_dir: str
+    index: str
+    knn: object = None  # with --index: the EvalConfig of evaluate knn (data, k, vote, search, index split)
 
 
 def export_from_flags():
-    cfg = ExportConfig(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.export_dir)
+    cfg = ExportConfig(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.export_dir, FLAGS.index,
+                       eval_from_flags("knn") if FLAGS.index else None)
     _EVAL["encoder"].check(cfg.encoder)
+    if cfg.index:
+        _EVAL["index"].check(cfg.index)
     if not cfg.export_dir:
         raise UsageError("--export_dir is required: where to write the SavedModel")
     return cfg

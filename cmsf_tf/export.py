@@ -1,14 +1,33 @@
-"""Export a trained backbone as a SavedModel: python -m cmsf_tf.export --model_dir=RUN --export_dir=DIR
+"""Export a trained backbone: python -m cmsf_tf.export --model_dir=RUN --export_dir=DIR [--index=train]
 
-Endpoints (also serving signatures):
+DIR is a SavedModel (load it with tf.saved_model.load; no cmsf_tf needed) plus DIR/backbone.keras.
+
+The SavedModel's root is a reusable, trainable network (the TF Hub convention):
+  model(images, training=False)  float32 [B, S, S, 3] in [0, 1] -> float32 [B, F] backbone features
+                                 (training=True: batch statistics, moving averages updated);
+  model.variables / trainable_variables / regularization_losses.
+Endpoints (the first three are also serving signatures):
   serve(images: uint8 [B, S, S, 3])   -> {"features": float32 [B, F], unit length}
   serve_jpeg(images: string [B])      -> {"features": ..., "ok": bool [B]}; encoded JPEG/PNG bytes, the
                                          evaluation transform (central 87.5% square, resized to S) inside the
                                          graph; items that are not images get zeros and ok = False
   encode(images: float32 [B, S, S, 3]) -> float32 [B, F] raw backbone features of normalised images
                                          (what python -m cmsf_tf.evaluate --saved_model uses)
+  features / features_train(images: float32 in [0, 1]) -> [B, F]: the root call in inference / training
+                                         mode, for keras.layers.TFSMLayer(call_endpoint="features",
+                                         call_training_endpoint="features_train") to fine-tune it
+With --index=train, a k-NN classifier over the training set's features (the process that loads it must
+`import scann` first, for ScaNN's TensorFlow ops; also signatures):
+  neighbours(images: uint8)  -> {"ids": int64 [B, k] rows of the index, "similarities": float32 [B, k],
+                                 "labels": int32 [B, k], "file_names": string [B, k] (when the data set
+                                 names its images)}, most similar first
+  classify(images: uint8)    -> {"label": int32 [B], "scores": float32 [B, classes]}: evaluate knn's vote
+                                 (majority, ties to the smallest label, or --knn_vote=weighted) over the
+                                 largest --knn_k neighbours
+backbone.keras: the same network as a Keras model of built-in layers (Normalization, Conv2D,
+BatchNormalization, ...): keras.saving.load_model(path) gives float [0, 1] images -> features.
 Grey images: replicate the channel (serve) or pass them encoded (serve_jpeg handles it).
-`assets/cmsf_export.json` records the run, checkpoint, step and encoder the export came from.
+`assets/cmsf_export.json` records the run, checkpoint, step and encoder the export came from (and the index).
 """
 
 import json
@@ -20,26 +39,138 @@ from absl import app
 from cmsf_tf import config
 
 
-def write_saved_model(encoder, export_dir):
-    """Writes `encoder` (eval.encoder.Encoder restored from a checkpoint) as a SavedModel."""
+def portable_model(encoder):
+    """keras.Model of built-in layers: float32 [B, S, S, 3] images in [0, 1] -> [B, F] backbone features
+    (ImageNet normalisation as its first layer), with the weights of `encoder` (restored from a checkpoint)."""
+    import keras
+    import numpy as np
+
+    from cmsf_tf.data import augment
+    from cmsf_tf.models import backbones
+
+    info, size = encoder.info, encoder.image_size
+    network = backbones.build_backbone(info["arch"], size, 3, info["width"], name="resnet", portable=True)
+    network.set_weights(encoder.backbone.get_weights())  # same layers in the same order: same weight list
+    images = keras.Input((size, size, 3), name="images")
+    normalised = keras.layers.Normalization(mean=augment.IMAGENET_MEAN, variance=np.square(augment.IMAGENET_STD),
+                                            name="imagenet_normalization")(images)
+    return keras.Model(images, network(normalised), name="cmsf_backbone"), network
+
+
+class IndexData:
+    """The training-set side of the served k-NN classifier: unit features, labels, optional names."""
+
+    def __init__(self, features, labels, names, num_classes, k, vote, temperature, search, subset):
+        self.features, self.labels, self.names = features, labels, names
+        self.num_classes, self.k, self.vote, self.temperature = num_classes, k, vote, temperature
+        self.search, self.subset = search, subset
+
+
+def index_data(encoder, knn_cfg, log=print):
+    """IndexData of the training split (or its labelled part) for evaluate knn's settings in `knn_cfg`."""
+    import numpy as np
+    import tensorflow as tf
+
+    from cmsf_tf import evaluate, ops
+    from cmsf_tf.data import pipeline
+
+    dataset, data_dir, class_list, label_split, seed = evaluate.data_settings(knn_cfg, encoder.info)
+    source = evaluate.load_source(dataset, data_dir, class_list)
+    keep, subset = None, "all"
+    if knn_cfg.index_split == "labelled":
+        if not label_split:
+            raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
+        _, keep, subset, _ = evaluate.labelled_subset(source, dataset, label_split, seed)
+    log(f"extracting the index: {subset} training images of {dataset} ...")
+    feats, labels, names = [], [], []
+    for images, batch_labels, batch_names in pipeline.eval_split(source, "train", encoder.image_size,
+                                                                 knn_cfg.eval_batch_size, keep, with_names=True):
+        feats.append(ops.l2_normalize(tf.cast(encoder.features(images), tf.float32)).numpy())
+        labels.append(batch_labels.numpy())
+        names.extend(n.decode("utf-8", "replace") for n in batch_names.numpy())
+    if not feats:
+        raise config.UsageError(f"the index would be empty: no {subset} training images in {dataset}")
+    feats, labels = np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+    k = max(knn_cfg.knn_k)
+    if k > len(feats):
+        raise config.UsageError(f"--knn_k {k} is larger than the index ({len(feats)} images)")
+    # Array data sets name an image by its position: the ids say as much, so no names are stored.
+    named = any(n != str(i) for i, n in enumerate(names))
+    return IndexData(feats, labels, np.array(names, dtype=object) if named else None, source.num_classes, k,
+                     knn_cfg.knn_vote, knn_cfg.knn_temperature, knn_cfg.knn_search, subset)
+
+
+def _scann_state(index):
+    """ScaNN's TensorFlow searcher over the index rows (dot product), as a module of variables."""
+    import scann
+
+    from cmsf_tf.eval import knn
+
+    builder = scann.scann_ops.builder(index.features, index.k, "dot_product")
+    return knn.configure_builder(builder, len(index.features), index.k, index.search).build().serialize_to_module()
+
+
+def vote_scores(neighbour_labels, similarities, num_classes, vote="majority", temperature=0.07):
+    """float32 [B, classes] class scores of k neighbours (TF; eval.knn.vote_counts / weighted_vote_counts)."""
+    import tensorflow as tf
+
+    one_hot = tf.one_hot(neighbour_labels, num_classes, dtype=tf.float32)
+    weights = tf.ones_like(similarities) if vote == "majority" else tf.exp(similarities / temperature)
+    return tf.einsum("bkc,bk->bc", one_hot, weights)
+
+
+def first_argmax(scores):
+    """int32 [B]: the smallest class among each row's maxima (evaluate knn's tie rule; tf.argmax does
+    not promise which of tied maxima it returns)."""
+    import tensorflow as tf
+
+    classes = tf.range(tf.shape(scores)[1])
+    is_max = scores >= tf.reduce_max(scores, axis=1, keepdims=True)
+    return tf.reduce_min(tf.where(is_max, classes[None], tf.shape(scores)[1]), axis=1)
+
+
+def write_saved_model(encoder, export_dir, index=None):
+    """Writes `encoder` (eval.encoder.Encoder restored from a checkpoint) as a SavedModel and a .keras
+    file into `export_dir`; `index` (IndexData) adds the served k-NN classifier."""
     import keras
     import tensorflow as tf
 
     from cmsf_tf.data import augment
 
     size = encoder.image_size
-    backbone = encoder.backbone
+    model, network = portable_model(encoder)
+    image_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+    uint8_spec = tf.TensorSpec([None, size, size, 3], tf.uint8)
 
-    def raw_features(images):
-        # An empty batch answers with an empty result (the backbone's BatchNorm fails on a 0-row batch).
-        return tf.cond(tf.shape(images)[0] > 0, lambda: tf.cast(backbone(images, training=False), tf.float32),
+    def guarded(fn, images):
+        # An empty batch answers with an empty result (BatchNorm fails on a 0-row batch).
+        return tf.cond(tf.shape(images)[0] > 0, lambda: tf.cast(fn(images), tf.float32),
                        lambda: tf.zeros([0, encoder.feature_dim], tf.float32))
 
-    def unit_features(images):
-        return {"features": tf.math.l2_normalize(raw_features(images), axis=-1)}
+    def unit(normalised):
+        return tf.math.l2_normalize(guarded(lambda x: network(x, training=False), normalised), axis=-1)
 
-    def serve(images):
-        return unit_features(augment.normalize(tf.image.convert_image_dtype(images, tf.float32)))
+    def unit_uint8(images):
+        return unit(augment.normalize(tf.image.convert_image_dtype(images, tf.float32)))
+
+    root = tf.__internal__.tracking.AutoTrackable()
+    root.model = model
+    # The reusable-SavedModel attributes (TF Hub's convention) that a wrapping layer reads.
+    root.variables = list(model.variables)
+    root.trainable_variables = list(model.trainable_variables)
+    root.regularization_losses = []
+
+    @tf.function
+    def call(images, training=False):
+        return model(images, training=training)
+
+    for training in (False, True):
+        call.get_concrete_function(image_spec, training=training)
+    root.__call__ = call
+    root.features = tf.function(lambda images: guarded(lambda x: model(x, training=False), images),
+                                input_signature=[image_spec])
+    root.features_train = tf.function(lambda images: model(images, training=True), input_signature=[image_spec])
+    root.serve = tf.function(lambda images: {"features": unit_uint8(images)}, input_signature=[uint8_spec])
 
     def serve_jpeg(images):
         # Item by item: an item that is not a JPEG/PNG/GIF/BMP (or is empty) gets zero features and
@@ -48,19 +179,61 @@ def write_saved_model(encoder, export_dir):
         blank = tf.zeros([size, size, 3], tf.float32)
         views = tf.map_fn(lambda item: tf.cond(item[1], lambda: augment.eval_view(item[0], size), lambda: blank),
                           (images, ok), fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-        features = unit_features(views)["features"]
+        features = unit(views)  # eval_view normalises
         return {"features": tf.where(ok[:, None], features, tf.zeros_like(features)), "ok": ok}
 
-    archive = keras.export.ExportArchive()
-    archive.track(backbone)
-    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-    archive.add_endpoint("serve_jpeg", serve_jpeg, input_signature=[tf.TensorSpec([None], tf.string)])
-    archive.add_endpoint("encode", raw_features,
-                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-    archive.write_out(export_dir, verbose=False)
+    root.serve_jpeg = tf.function(serve_jpeg, input_signature=[tf.TensorSpec([None], tf.string)])
+    root.encode = tf.function(lambda images: guarded(lambda x: network(x, training=False), images),
+                              input_signature=[image_spec])
+    signatures = {"serving_default": root.serve, "serve": root.serve, "serve_jpeg": root.serve_jpeg,
+                  "encode": root.encode}
+
+    if index is not None:
+        import scann  # noqa: F401  (ScaNN's TF ops must be registered to build and save the searcher)
+        from scann.scann_ops.py import scann_ops
+
+        root.index = _scann_state(index)
+        # Labels and names are variables, not graph constants: a 1.28M-row index must not bloat the graph.
+        root.index_labels = tf.Variable(index.labels, trainable=False, name="index_labels")
+        if index.names is not None:
+            root.index_names = tf.Variable(index.names.astype(bytes), trainable=False, name="index_names")
+        k, classes = index.k, index.num_classes
+
+        def neighbours(images):
+            queries = unit_uint8(images)
+            # The searcher is rebuilt from its saved state per call (ScaNN's TF ops have no persistent
+            # handle in a SavedModel); for brute force that is one copy of the index.
+            searcher = scann_ops.searcher_from_module(root.index)
+            ids, sims = searcher.search_batched(queries, final_num_neighbors=k)
+            ids = tf.ensure_shape(tf.cast(ids, tf.int64), [None, k])
+            out = {"ids": ids, "similarities": tf.ensure_shape(sims, [None, k]),
+                   "labels": tf.gather(root.index_labels, ids)}
+            if index.names is not None:
+                out["file_names"] = tf.gather(root.index_names, ids)
+            return out
+
+        def classify(images):
+            found = neighbours(images)
+            scores = vote_scores(found["labels"], found["similarities"], classes, index.vote, index.temperature)
+            return {"label": first_argmax(scores), "scores": scores}
+
+        root.neighbours = tf.function(neighbours, input_signature=[uint8_spec])
+        root.classify = tf.function(classify, input_signature=[uint8_spec])
+        signatures.update(neighbours=root.neighbours, classify=root.classify)
+
+    tf.saved_model.save(root, export_dir, signatures={name: fn.get_concrete_function()
+                                                      for name, fn in signatures.items()})
+    model.save(os.path.join(export_dir, "backbone.keras"))
+    meta = {**encoder.info, "image_size": size, "feature_dim": encoder.feature_dim,
+            "inputs": "root call, features, features_train, backbone.keras: float32 images in [0, 1]; "
+                      "serve, neighbours, classify: uint8; encode: ImageNet-normalised float32"}
+    if index is not None:
+        meta["index"] = {"size": int(len(index.features)), "k": index.k, "vote": index.vote,
+                         "temperature": index.temperature, "search": index.search, "subset": index.subset,
+                         "num_classes": index.num_classes, "file_names": index.names is not None}
     os.makedirs(os.path.join(export_dir, "assets"), exist_ok=True)
     with open(os.path.join(export_dir, "assets", "cmsf_export.json"), "w") as f:
-        json.dump({**encoder.info, "image_size": size, "feature_dim": encoder.feature_dim}, f, indent=2)
+        json.dump(meta, f, indent=2)
 
 
 def main(argv):
@@ -74,11 +247,14 @@ def main(argv):
         enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
         if os.path.exists(cfg.export_dir) and os.listdir(cfg.export_dir):
             raise config.UsageError(f"--export_dir {cfg.export_dir} exists and is not empty")
-        write_saved_model(enc, cfg.export_dir)
+        index = index_data(enc, cfg.knn, lambda m: print(m, file=sys.stderr, flush=True)) if cfg.index else None
+        write_saved_model(enc, cfg.export_dir, index)
     except (config.UsageError, encoders.EncoderError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported the {cfg.encoder} backbone of {enc.info['path']} (step {enc.info['step']}) to {cfg.export_dir}")
+    served = f", with a {len(index.features)}-image k-NN index" if cfg.index else ""
+    print(f"exported the {cfg.encoder} backbone of {enc.info['path']} (step {enc.info['step']}) to "
+          f"{cfg.export_dir}{served}")
 
 
 def cli():

@@ -186,10 +186,11 @@ def _record_stream(source, seed, per_epoch, start_epoch, end_epoch, pipelines, p
     return ds
 
 
-def eval_split(source, split, image_size, batch_size, keep=None):
+def eval_split(source, split, image_size, batch_size, keep=None, with_names=False):
     """Batches of (eval-view images, int32 labels) of a source's "train" or "test" split, read in one
     pass: in index order for random-access sources, file order for record sources. `keep`: a tf
-    function (index, label, name) -> bool selecting examples (e.g. the labelled subset) before decoding."""
+    function (index, label, name) -> bool selecting examples (e.g. the labelled subset) before decoding.
+    `with_names`: (images, labels, names) with each image's file name (its index for arrays)."""
     if isinstance(source, (sources.InMemorySource, sources.FileSource)):
         train = split == "train"
         if isinstance(source, sources.InMemorySource):
@@ -209,10 +210,13 @@ def eval_split(source, split, image_size, batch_size, keep=None):
             ds = ds.map(parse_tfrecord)
     if keep is not None:
         ds = ds.filter(lambda index, payload: keep(index, tf.cast(payload[1], tf.int32), payload[2]))
-    ds = ds.map(lambda index, payload: (payload[0], tf.cast(payload[1], tf.int32)))
+    ds = ds.map(lambda index, payload: (payload[0], tf.cast(payload[1], tf.int32), payload[2]))
     if isinstance(source, sources.FileSource):
-        ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
-    ds = ds.map(lambda image, label: (augment.eval_view(image, image_size), label), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda path, label, name: (tf.io.read_file(path), label, name), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda image, label, name: (augment.eval_view(image, image_size), label, name),
+                num_parallel_calls=AUTOTUNE)
+    if not with_names:
+        ds = ds.map(lambda image, label, name: (image, label))
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 

@@ -67,15 +67,19 @@ def build_searcher(index_features, k, mode="exact", settings=None):
         raise ValueError(f"unknown k-NN search mode {mode!r}; choose exact or approx")
     started = time.time()
     builder = scann.scann_ops_pybind.builder(np.ascontiguousarray(index_features, np.float32), k, "dot_product")
-    if mode == "exact":
-        searcher = builder.score_brute_force().build()
-    else:
-        s = {**approx_settings(len(index_features), k), **(settings or {})}
-        if "num_leaves" in s:
-            builder = builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
-                                   training_sample_size=s["training_sample_size"])
-        searcher = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(s["reorder"]).build()
+    searcher = configure_builder(builder, len(index_features), k, mode, settings).build()
     return searcher, time.time() - started
+
+
+def configure_builder(builder, n, k, mode="exact", settings=None):
+    """A ScaNN builder (pybind, or TF ops for a SavedModel) set up for `mode` over `n` rows."""
+    if mode == "exact":
+        return builder.score_brute_force()
+    s = {**approx_settings(n, k), **(settings or {})}
+    if "num_leaves" in s:
+        builder = builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
+                               training_sample_size=s["training_sample_size"])
+    return builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(s["reorder"])
 
 
 def search_with(searcher, query_features, k, leaves_to_search=None, reorder=None):

@@ -26,11 +26,13 @@ def feature_dim(arch, width=64):
     return width * 8 * (4 if kind == "bottleneck" else 1)
 
 
-def build_backbone(arch, image_size, channels=3, width=64, sync_bn=False, name="backbone"):
-    """A keras.Model mapping [B, S, S, C] float images to [B, feature_dim] pooled features."""
+def build_backbone(arch, image_size, channels=3, width=64, sync_bn=False, name="backbone", portable=False):
+    """A keras.Model mapping [B, S, S, C] float images to [B, feature_dim] pooled features.
+    `portable`: Keras' own BatchNormalization instead of the fused one (same variables in the same order,
+    same inference outputs), so a saved .keras file loads without cmsf_tf (cmsf_tf.export)."""
     kind, stages, small_stem = ARCHS[arch]
     conv = _conv_factory()
-    bn = _bn_factory(sync_bn)
+    bn = _bn_factory(sync_bn, keras.layers.BatchNormalization if portable else BatchNormalization)
 
     inputs = keras.Input((image_size, image_size, channels), name=f"{name}_images")
     if small_stem:
@@ -95,9 +97,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return y
 
 
-def _bn_factory(sync_bn):
+def _bn_factory(sync_bn, layer=BatchNormalization):
     def bn(gamma_zero=False):
-        return BatchNormalization(
+        return layer(
             momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=sync_bn,
             gamma_initializer="zeros" if gamma_zero else "ones")
     return bn

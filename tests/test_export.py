@@ -1,0 +1,199 @@
+"""python -m cmsf_tf.export for plain TensorFlow/Keras users: backbone.keras, the trainable SavedModel root,
+fine-tuning the loaded network, and the served k-NN classifier (--index=train) against evaluate knn — each
+loaded in a fresh process that never imports cmsf_tf."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY, run_cli
+from tests.test_train_cli import assert_one_sentence_error
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, fmnist_slice):
+    d = tmp_path_factory.mktemp("export") / "run"
+    out = run_cli("cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}", f"--model_dir={d}", "--epochs=2",
+                  "--steps_per_epoch=4", "--label_split=percent:25", "--noknn_eval")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("exported") / "model"
+    out = run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={d}", "--index=train")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "with a 512-image k-NN index" in out.stdout
+    return d
+
+
+LOADER = r"""
+import json, sys
+import numpy as np, tensorflow as tf, keras
+import scann  # registers ScaNN's TF ops, which the served index needs
+export_dir, data = sys.argv[1], np.load(sys.argv[2])
+rgb01 = lambda x: tf.image.grayscale_to_rgb(tf.constant(x, tf.float32) / 255.0)
+test01, train01 = rgb01(data["test"]), rgb01(data["train"])
+out = {}
+
+# backbone.keras: built-in layers only.
+backbone = keras.saving.load_model(export_dir + "/backbone.keras")
+out["keras_features"] = backbone(test01[:8], training=False).numpy().tolist()
+out["layer_modules"] = sorted({type(l).__module__.split(".")[0] for l in backbone._flatten_layers()})
+
+# The SavedModel root: callable with [0, 1] images and a training argument.
+loaded = tf.saved_model.load(export_dir)
+out["root_features"] = loaded(test01[:8]).numpy().tolist()
+out["root_variables"] = [len(loaded.variables), len(loaded.trainable_variables), len(loaded.regularization_losses)]
+out["signatures"] = sorted(loaded.signatures.keys())
+
+# The served k-NN classifier.
+test_uint8 = tf.image.grayscale_to_rgb(tf.constant(data["test"]))
+found = loaded.neighbours(test_uint8[:4])
+out["neighbours"] = {k: v.numpy().tolist() for k, v in found.items()}
+classified = loaded.classify(test_uint8)
+out["classify_labels"] = classified["label"].numpy().tolist()
+out["classify_scores"] = classified["scores"].numpy().tolist()
+# Training mode (after the inference calls above: it updates BatchNorm's moving averages).
+out["root_training_differs"] = float(tf.reduce_max(tf.abs(loaded(test01[:8], training=True) - loaded(test01[:8]))))
+
+def fine_tune(model, optimizer, steps=12):
+    net = keras.Sequential([keras.Input((28, 28, 3)), model, keras.layers.Dense(10)])
+    net.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = net.fit(train01, data["train_labels"], batch_size=64, epochs=steps, verbose=0, shuffle=False)
+    moved = max(float(np.abs(w.numpy() - b).max()) for w, b in zip(model.trainable_weights, before))
+    return history.history["loss"], moved
+
+# Fine-tune the .keras backbone, and the SavedModel wrapped as a trainable Keras layer (Keras 3.15's TFSMLayer
+# names its weights "<name>:0", which optimizers with slot variables reject: plain SGD there).
+out["keras_loss"], out["keras_moved"] = fine_tune(keras.saving.load_model(export_dir + "/backbone.keras"),
+                                                  keras.optimizers.SGD(0.05, momentum=0.9))
+layer = keras.layers.TFSMLayer(export_dir, call_endpoint="features", call_training_endpoint="features_train",
+                               trainable=True)
+out["tfsm_loss"], out["tfsm_moved"] = fine_tune(layer, keras.optimizers.SGD(0.1))
+
+# Plain TensorFlow: the root in training mode under a GradientTape, any optimizer on its variables.
+head = keras.layers.Dense(10)
+optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+before = [v.numpy().copy() for v in loaded.trainable_variables]
+labels = tf.constant(data["train_labels"], tf.int32)
+losses = []
+for step in range(12):
+    with tf.GradientTape() as tape:
+        logits = head(loaded(train01[:64 * (step % 4)][-64:] if step % 4 else train01[:64], training=True))
+        batch_labels = labels[:64 * (step % 4)][-64:] if step % 4 else labels[:64]
+        loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(batch_labels, logits, from_logits=True))
+    variables = list(loaded.trainable_variables) + head.trainable_variables
+    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+    losses.append(float(loss))
+out["tf_loss"] = losses
+out["tf_moved"] = max(float(np.abs(v.numpy() - b).max()) for v, b in zip(loaded.trainable_variables, before))
+out["imported_cmsf_tf"] = any(name.startswith("cmsf_tf") for name in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_exports_load_fine_tune_and_classify_without_cmsf_tf(run_dir, export_dir, tmp_path, fmnist_full):
+    test_images, test_labels = fmnist_full.test_images[:256], fmnist_full.test_labels[:256]
+    train_images, train_labels = fmnist_full.train_images[:256], fmnist_full.train_labels[:256]
+    np.savez(tmp_path / "data.npz", test=test_images, train=train_images, train_labels=train_labels)
+    (tmp_path / "load.py").write_text(LOADER)
+    # A working directory without cmsf_tf on its path: nothing can import it by accident.
+    done = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(export_dir), str(tmp_path / "data.npz")],
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                          env={k: v for k, v in dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2").items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not got["imported_cmsf_tf"]
+
+    # Same features as the checkpoint's backbone on the evaluation view (28 px images: normalised only).
+    import tensorflow as tf
+
+    from cmsf_tf.data import augment
+    from cmsf_tf.eval import encoder
+
+    enc = encoder.from_checkpoint(str(run_dir))
+    want = enc.features(tf.stack([augment.eval_view(tf.constant(im), 28) for im in test_images[:8]])).numpy()
+    np.testing.assert_allclose(got["keras_features"], want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got["root_features"], want, atol=1e-4, rtol=1e-4)
+    assert got["layer_modules"] == ["keras"]
+    assert got["root_training_differs"] > 1e-3  # batch statistics, not the moving averages
+    assert got["root_variables"][0] == len(enc.backbone.variables)  # the normalisation holds constants
+    assert got["root_variables"][1:] == [len(enc.backbone.trainable_variables), 0]
+    assert {"serve", "serve_jpeg", "encode", "neighbours", "classify", "serving_default"} <= set(got["signatures"])
+
+    # Fine-tuning the loaded network: the loss falls and the backbone's own weights move.
+    for name in ("tfsm", "keras", "tf"):
+        losses = got[f"{name}_loss"]
+        assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), (name, losses)
+        assert got[f"{name}_moved"] > 1e-4, name
+
+    # The served classifier answers as evaluate knn does on the same run (exact search, 20-NN majority vote).
+    out = run_cli("cmsf_tf.evaluate", "knn", f"--model_dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    knn = json.loads((run_dir / "eval" / "knn.json").read_text())
+    served_top1 = float(np.mean(np.array(got["classify_labels"]) == test_labels))
+    assert served_top1 == pytest.approx(knn["knn_top1_k20"], abs=1 / 256)
+
+    # Neighbours and votes against a NumPy reference on the checkpoint's own features.
+    from cmsf_tf.data import pipeline, sources
+    from cmsf_tf.eval import knn as knn_lib
+
+    source = sources.load("fashion_mnist", json.loads((run_dir / "flags.json").read_text())["data_dir"])
+    index, index_labels = knn_lib.features_and_labels(enc.features, pipeline.eval_split(source, "train", 28, 128))
+    queries, _ = knn_lib.features_and_labels(enc.features, pipeline.eval_split(source, "test", 28, 128))
+    sims = queries @ index.T
+    nbrs = np.argsort(-sims, axis=1, kind="stable")[:, :20]
+    found = got["neighbours"]
+    assert np.array(found["ids"]).shape == (4, 20)
+    np.testing.assert_allclose(found["similarities"], np.take_along_axis(sims[:4], nbrs[:4], 1), atol=1e-4)
+    assert found["labels"] == index_labels[np.array(found["ids"])].tolist()
+    assert "file_names" not in found  # array data: the ids are the names
+    votes = np.stack([np.bincount(index_labels[n], minlength=10) for n in nbrs])
+    # The same votes, but where a near-tie in similarity swapped the 20th neighbour (one neighbour moved).
+    diff = np.abs(np.array(got["classify_scores"]).round() - votes).sum(1)
+    assert np.mean(diff > 0) <= 2 / 256 and diff.max() <= 2
+    agree = np.mean(np.array(got["classify_labels"]) == votes.argmax(1))
+    assert agree >= 1 - 2 / 256  # a near-tie in similarity may swap the 20th neighbour
+
+    meta = json.loads((export_dir / "assets" / "cmsf_export.json").read_text())
+    assert meta["index"] == {"size": 512, "k": 20, "vote": "majority", "temperature": 0.07, "search": "exact",
+                             "subset": "all", "num_classes": 10, "file_names": False}
+
+
+def test_served_index_of_the_labelled_subset_and_bad_index_flags(run_dir, tmp_path):
+    d = tmp_path / "labelled"
+    out = run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={d}", "--index=train",
+                  "--index_split=labelled", "--knn_k=1,5", "--knn_vote=weighted")
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((d / "assets" / "cmsf_export.json").read_text())["index"]
+    assert meta["size"] == 128 and meta["k"] == 5 and meta["vote"] == "weighted"
+    assert meta["subset"] == "labelled:percent:25"
+    assert_one_sentence_error(run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={tmp_path / 'x'}",
+                                      "--index=test"), "unknown --index 'test'; choose one of: train")
+    assert_one_sentence_error(run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={tmp_path / 'y'}",
+                                      "--index=train", "--knn_k=600"), "--knn_k 600 is larger than the index")
+
+
+def test_vote_and_tie_rule_match_evaluate_knn():
+    import tensorflow as tf
+
+    from cmsf_tf import export
+    from cmsf_tf.eval import knn
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=(64, 6)).astype(np.int32)
+    sims = rng.uniform(-1, 1, size=(64, 6)).astype(np.float32)
+    majority = export.vote_scores(tf.constant(labels), tf.constant(sims), 4).numpy()
+    np.testing.assert_array_equal(majority, knn.vote_counts(labels, 4))
+    np.testing.assert_array_equal(export.first_argmax(tf.constant(majority)).numpy(), knn.majority_vote(labels, 4))
+    weighted = export.vote_scores(tf.constant(labels), tf.constant(sims), 4, "weighted", 0.07).numpy()
+    np.testing.assert_allclose(weighted, knn.weighted_vote_counts(labels, sims, 4, 0.07), rtol=1e-5)
+    tied = tf.constant([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 5.0]])
+    assert export.first_argmax(tied).numpy().tolist() == [1, 0, 3]
