@@ -311,7 +311,7 @@ def validate(cfg):
 
 
 # ----- python -m cmsf_tf.evaluate / python -m cmsf_tf.export -----
-PROTOCOLS = ("knn", "linear", "semi", "finetune", "transfer")
+PROTOCOLS = ("knn", "linear", "semi", "finetune", "transfer", "projector")
 # The paper's transfer data sets that TFDS has (FGVC Aircraft is not in TFDS: add it as folder:PATH).
 TRANSFER_DATASETS = ("cifar10", "cifar100", "food101", "sun397", "cars196", "dtd", "oxford_iiit_pet",
                      "caltech101", "oxford_flowers102")
@@ -345,6 +345,14 @@ EVAL_SETTINGS = (
     Setting("index_split", "string", "all",
             "knn: the index is all training images, or only the labelled ones of "
             "--label_split (semi-supervised 1-NN).", choices=("all", "labelled")),
+    Setting("projector_split", "string", "train",
+            "projector: the split whose images are embedded (train: metadata shows training "
+            "labels beside true ones).", choices=("train", "test")),
+    Setting("projector_images", "integer", 2000,
+            "projector: how many images (evenly spaced over the split).", minimum=1),
+    Setting("projector_queries", "integer", 8,
+            "projector: training images whose bank neighbours (plain and constrained) are drawn "
+            "in eval/neighbours.png (0: none).", minimum=0),
     Setting("linear_epochs", "integer", 40,
             "linear: epochs (paper: 40).", minimum=1),
     Setting("linear_lr", "float", 0.01,
@@ -427,6 +435,9 @@ class EvalConfig:
     knn_search: str
     cache_features: bool
     index_split: str
+    projector_split: str
+    projector_images: int
+    projector_queries: int
     linear_epochs: int
     linear_lr: float
     linear_milestones: tuple
@@ -483,6 +494,8 @@ def eval_from_flags(protocol):
         seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,
         knn_k=_ints("knn_k", FLAGS.knn_k, 1), knn_vote=FLAGS.knn_vote, knn_temperature=FLAGS.knn_temperature,
         knn_search=FLAGS.knn_search, cache_features=FLAGS.cache_features, index_split=FLAGS.index_split,
+        projector_split=FLAGS.projector_split, projector_images=FLAGS.projector_images,
+        projector_queries=FLAGS.projector_queries,
         linear_epochs=FLAGS.linear_epochs, linear_lr=FLAGS.linear_lr,
         linear_milestones=_ints("linear_milestones", FLAGS.linear_milestones, 0) if FLAGS.linear_milestones else (),
         linear_batch_size=FLAGS.linear_batch_size, linear_weight_decay=FLAGS.linear_weight_decay,

@@ -12,6 +12,8 @@ settings, the network's origin and step, wall time) and TensorBoard scalars unde
             (--label_split), 20 epochs, lr 0.001, wd 1e-4; best and last epoch
   finetune  full fine-tuning: whole network + linear head on the labelled subset (not the paper's protocol)
   transfer  L2-regularised logistic regression (L-BFGS) on frozen features of other data sets, table + mean
+  projector TensorBoard projector files (features, metadata.tsv, sprite) of a split, and eval/neighbours.png:
+            the bank neighbours of some training images, plain beside the method's constrained set
 """
 
 import hashlib
@@ -273,8 +275,118 @@ def run_transfer(cfg, enc, features, log):
                          "features": "L2-normalised, standardised by the training set"}}
 
 
+def display_image(source, split, index, image_size):
+    """float32 [S, S, 3] in [0, 1]: image `index` of a random-access source as the network sees it
+    (the evaluation view, before normalisation)."""
+    import tensorflow as tf
+
+    from cmsf_tf.data import augment, sources
+
+    train = split == "train"
+    if isinstance(source, sources.InMemorySource):
+        image = tf.constant((source.train_images if train else source.test_images)[index])
+    else:
+        image = tf.io.read_file((source.train_files if train else source.test_files)[index])
+    return augment.eval_view(image, image_size) * augment.IMAGENET_STD + augment.IMAGENET_MEAN
+
+
+def run_projector(cfg, enc, features, log):
+    """TensorBoard projector files (features, metadata, sprite) of an evenly spaced sample of a split, and
+    the grid of a checkpoint's bank neighbours (plain beside the method's constrained set)."""
+    import tensorflow as tf
+
+    from cmsf_tf import ops
+    from cmsf_tf.data import augment, pipeline, sources
+    from cmsf_tf.eval import projector
+
+    dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
+    source = load_source(dataset, data_dir, class_list)
+    split, size = cfg.projector_split, enc.image_size
+    total = source.num_train if split == "train" else source.num_test
+    chosen = projector.evenly_spaced(total, cfg.projector_images)
+    plan = label_plan(source, dataset, label_split, seed)
+    label_fn = plan.make_fn() if split == "train" else (lambda index, label, name: label)
+    selected = tf.constant(np.isin(np.arange(total), chosen))
+    side = projector.thumbnail_side(len(chosen), size)
+    log(f"embedding {len(chosen)} {split} images of {dataset} for the projector ...")
+    feats, meta, thumbs = [], {"index": [], "label": [], "true_label": [], "class": [], "file_name": []}, []
+    class_names = getattr(source, "class_names", None)
+    for images, true_labels, names in pipeline.eval_split(source, split, size, cfg.eval_batch_size,
+                                                          keep=lambda index, label, name: selected[index],
+                                                          with_names=True):
+        feats.append(ops.l2_normalize(tf.cast(enc.features(images), tf.float32)).numpy())
+        thumbs.append(projector.thumbnails(images * augment.IMAGENET_STD + augment.IMAGENET_MEAN, side))
+        meta["true_label"].extend(true_labels.numpy().tolist())
+        meta["file_name"].extend(n.decode("utf-8", "replace") for n in names.numpy())
+    index = chosen[:len(meta["true_label"])]  # eval_split keeps the split's order: the chosen ones, ascending
+    meta["index"] = index.tolist()
+    meta["label"] = label_fn(tf.constant(index), tf.constant(meta["true_label"], tf.int32),
+                             tf.constant(meta["file_name"] or [""], tf.string)[:len(index)]).numpy().tolist()
+    meta["class"] = [class_names[t] if class_names else str(t) for t in meta["true_label"]]
+    feats, thumbs = np.concatenate(feats), np.concatenate(thumbs)
+
+    out_dir = os.path.join(cfg.model_dir, "tensorboard", "projector")
+    result = {"dataset": dataset, "split": split, "images": len(feats), "projector_dir": out_dir,
+              "settings": {"split": split, "images": cfg.projector_images, "queries": cfg.projector_queries,
+                           "features": "L2-normalised backbone features (before the projector)"}}
+    grid = None
+    if cfg.projector_queries and enc.info.get("kind") == "checkpoint":
+        if not isinstance(source, (sources.InMemorySource, sources.FileSource)):
+            log(f"no neighbour grid: {dataset} is read as a stream, and the bank's images need random access")
+        else:
+            grid, found = neighbours_of_bank(cfg, enc, source, plan, log)
+            result["neighbours"] = found
+    projector.write_projector(out_dir, feats, meta, thumbs, grid=grid)
+    log(f"projector files in {out_dir} (tensorboard --logdir {os.path.join(cfg.model_dir, 'tensorboard')}, "
+        "Projector tab)")
+    return result
+
+
+def neighbours_of_bank(cfg, enc, source, plan, log):
+    """(grid image, JSON-able record) of the bank neighbours of evenly spaced training images."""
+    import tensorflow as tf
+
+    from cmsf_tf.data import augment
+    from cmsf_tf.eval import projector
+
+    try:
+        model, run_cfg = projector.restore_training_model(cfg.model_dir, enc.info["path"], source, plan)
+    except ValueError as e:
+        log(f"no neighbour grid: {e}")
+        return None, None
+    queries = projector.evenly_spaced(source.num_train, cfg.projector_queries)
+    label_fn = plan.make_fn()
+    names = [str(source.train_files[i]) for i in queries] if hasattr(source, "train_files") else queries.astype(str)
+    true = np.asarray(source.train_labels)[queries].astype(np.int32)
+    labels = label_fn(tf.constant(queries), tf.constant(true), tf.constant(list(names), tf.string)).numpy()
+    shown = [display_image(source, "train", int(i), enc.image_size) for i in queries]
+    views = tf.stack([augment.normalize(x) for x in shown])
+    found = projector.bank_neighbours(model, views, queries, labels, true, labels >= 0, run_cfg.topk)
+    true_of = lambda i: int(source.train_labels[i]) if i >= 0 else -1  # noqa: E731
+    blank = np.zeros((enc.image_size, enc.image_size, 3), np.float32)
+    grid = projector.neighbour_grid(
+        np.stack([x.numpy() for x in shown]), true, found,
+        lambda i: display_image(source, "train", int(i), enc.image_size).numpy() if i >= 0 else blank, true_of)
+    path = os.path.join(cfg.model_dir, "eval", "neighbours.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, tf.io.encode_png(grid))
+    record = {"png": path, "method": run_cfg.method, "k": run_cfg.topk, "queries": queries.tolist(),
+              "query_true_labels": true.tolist()}
+    for kind in ("plain", "constrained"):
+        if f"{kind}_rows" in found:
+            images = found[f"{kind}_images"]
+            record[kind] = {"bank_rows": found[f"{kind}_rows"].tolist(), "images": images.tolist(),
+                            "similarities": np.round(found[f"{kind}_sims"], 5).tolist(),
+                            "true_labels": [[true_of(i) for i in row] for row in images],
+                            "purity": float(np.mean([[true_of(i) == t for i in row] for row, t in zip(images, true)]))}
+    summary = ", ".join(f"{kind} {100 * record[kind]['purity']:.0f}% same class" for kind in ("plain", "constrained")
+                        if kind in record)
+    log(f"bank neighbours of {len(queries)} training images ({summary}): {path}")
+    return grid, record
+
+
 PROTOCOL_FNS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "finetune": run_finetune,
-                "transfer": run_transfer}
+                "transfer": run_transfer, "projector": run_projector}
 
 
 def load_encoder(cfg):
@@ -327,6 +439,13 @@ def write_summaries(cfg, result, step):
 
 
 def summary_lines(result):
+    if "top1" not in result:  # projector
+        lines = [f"{result['protocol']}: {result['images']} {result['split']} images in {result['projector_dir']}"]
+        for kind in ("plain", "constrained"):
+            if kind in (result.get("neighbours") or {}):
+                lines.append(f"  {kind} bank neighbours: {100 * result['neighbours'][kind]['purity']:.0f}% of the "
+                             "query's class")
+        return lines
     lines = [f"{result['protocol']}: top-1 {100 * result['top1']:.2f}%"
              + (f", top-5 {100 * result['top5']:.2f}%" if "top5" in result else "")]
     if "best_epoch" in result:
