@@ -122,11 +122,29 @@ class Features:
 
 
 # ----- protocols -----
+def labelled_source(source, dataset, what):
+    """`source`, refused in one sentence when its training images have no labels."""
+    from cmsf_tf.data import sources
+
+    if not sources.has_train_labels(source):
+        raise config.UsageError(sources.no_labels_reason(source, dataset, what))
+    return source
+
+
 def run_knn(cfg, enc, features, log):
+    from cmsf_tf.data import sources
     from cmsf_tf.eval import knn
 
     dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
     source = load_source(dataset, data_dir, class_list)
+    if not sources.has_train_labels(source):
+        if cfg.index_split == "labelled":
+            raise config.UsageError(sources.no_labels_reason(source, dataset, "--index_split=labelled"))
+        unlabelled, source = source, sources.knn_source(source)
+        if source is None:
+            raise config.UsageError(sources.no_labels_reason(unlabelled, dataset, "k-NN evaluation"))
+        log(f"{dataset}'s training images have no labels: k-NN over the labelled val/ split "
+            f"({source.num_train} images as the index, {source.num_test} as queries)")
     keep, subset, count = None, "all", None
     if cfg.index_split == "labelled":
         if not label_split:
@@ -154,7 +172,7 @@ def run_linear(cfg, enc, features, log):
     from cmsf_tf.eval import linear, semi
 
     dataset, data_dir, class_list, _, seed = data_settings(cfg, enc.info)
-    source = load_source(dataset, data_dir, class_list)
+    source = labelled_source(load_source(dataset, data_dir, class_list), dataset, "the linear probe")
     train_x, train_y = features(source, dataset, "train")
     test_x, test_y = features(source, dataset, "test")
     stats = linear.standardizer(train_x)
@@ -195,7 +213,7 @@ def run_semi(cfg, enc, features, log):
     from cmsf_tf.eval import linear, semi
 
     dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
-    source = load_source(dataset, data_dir, class_list)
+    source = labelled_source(load_source(dataset, data_dir, class_list), dataset, "the semi-supervised protocol")
     plan, keep, subset, count = labelled_subset(source, dataset, label_split, seed)
     labelled_x, _ = features(source, dataset, "train", keep, subset, count)
     count = len(labelled_x)
@@ -225,7 +243,7 @@ def run_finetune(cfg, enc, features, log):
     from cmsf_tf.eval import finetune
 
     dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
-    source = load_source(dataset, data_dir, class_list)
+    source = labelled_source(load_source(dataset, data_dir, class_list), dataset, "fine-tuning")
     plan = label_plan(source, dataset, label_split, seed)
     count = labelled_count(plan, source)
     steps = -(-count // cfg.finetune_batch_size)
@@ -378,9 +396,10 @@ def neighbours_of_bank(cfg, enc, source, plan, log):
             record[kind] = {"bank_rows": found[f"{kind}_rows"].tolist(), "images": images.tolist(),
                             "similarities": np.round(found[f"{kind}_sims"], 5).tolist(),
                             "true_labels": [[true_of(i) for i in row] for row in images],
-                            "purity": float(np.mean([[true_of(i) == t for i in row] for row, t in zip(images, true)]))}
+                            "purity": (float(np.mean([[true_of(i) == t for i in row] for row, t in zip(images, true)]))
+                                       if (true >= 0).all() else None)}  # unlabelled images: no purity
     summary = ", ".join(f"{kind} {100 * record[kind]['purity']:.0f}% same class" for kind in ("plain", "constrained")
-                        if kind in record)
+                        if kind in record and record[kind]["purity"] is not None) or "no labels"
     log(f"bank neighbours of {len(queries)} training images ({summary}): {path}")
     return grid, record
 
@@ -442,7 +461,7 @@ def summary_lines(result):
     if "top1" not in result:  # projector
         lines = [f"{result['protocol']}: {result['images']} {result['split']} images in {result['projector_dir']}"]
         for kind in ("plain", "constrained"):
-            if kind in (result.get("neighbours") or {}):
+            if (result.get("neighbours") or {}).get(kind, {}).get("purity") is not None:
                 lines.append(f"  {kind} bank neighbours: {100 * result['neighbours'][kind]['purity']:.0f}% of the "
                              "query's class")
         return lines

@@ -173,6 +173,12 @@ def run(cfg, log=print):
         log(f"warning: skipping {path}: {reason}")
     if len(getattr(source, "skipped", ())) > 20:
         log(f"warning: {len(source.skipped)} corrupt images skipped in all")
+    if not sources.has_train_labels(source):
+        if cfg.label_split or cfg.label_noise or cfg.label_noise_file:
+            raise config.UsageError(f"--label_split/--label_noise need labels, and {cfg.dataset}'s training images "
+                                    "have none (no class folders)")
+        if cfg.knn_eval and cfg.knn_every and sources.knn_source(source) is None:
+            raise config.UsageError(sources.no_labels_reason(source, cfg.dataset, "--knn_every"))
     labels = training_labels(cfg, source)
 
     from cmsf_tf import distribute
@@ -211,6 +217,10 @@ def run(cfg, log=print):
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
 
+    from cmsf_tf.methods import METHODS
+    if METHODS[cfg.method].needs_labels and not sources.has_train_labels(source):
+        raise config.UsageError(f"{sources.no_labels_reason(source, cfg.dataset, '--method=' + cfg.method)}; "
+                                "train a self-supervised method (byol, msf, cmsf_2q, cmsf_km)")
     with strategy.scope():
         model = build_model(cfg, sync_bn=replicas > 1, num_images=source.num_train, num_classes=source.num_classes)
         optimizer = keras.optimizers.SGD(
@@ -246,7 +256,6 @@ def run(cfg, log=print):
     guard = DivergenceGuard()
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
     from cmsf_tf.callbacks import monitor
-    from cmsf_tf.methods import METHODS
 
     logdir = os.path.join(cfg.model_dir, "tensorboard")
     callbacks = [guard]
@@ -256,7 +265,7 @@ def run(cfg, log=print):
     callbacks.append(saver)
     if chief and cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
         callbacks.append(monitor.KnnMonitor(
-            cfg.knn_every, source, cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
+            cfg.knn_every, sources.knn_source(source), cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
             queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
             curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log))
     # On every worker: reading the rank histogram (an on-read metric variable) is a collective across
@@ -287,16 +296,22 @@ def run(cfg, log=print):
     if step > first_step:
         result["train_images_per_s"] = round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)
 
-    if cfg.knn_eval:
-        result.update(knn_evaluation(model.online_backbone, source, cfg, log))
+    knn_data = sources.knn_source(source)
+    if knn_data is not source and knn_data is not None:
+        log(f"{cfg.dataset}'s training images have no labels: k-NN uses the labelled val/ split "
+            f"({knn_data.num_train} images as the index, {knn_data.num_test} as queries)")
+    if cfg.knn_eval and knn_data is None:
+        log(f"no k-NN evaluation: {sources.no_labels_reason(source, cfg.dataset, 'it')}")
+    elif cfg.knn_eval:
+        result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log))
     curve = monitor.read_jsonl(os.path.join(cfg.model_dir, monitor.KNN_CURVE))
     if curve:
         result["knn_curve"] = curve
-    if cfg.knn_baselines:
+    if cfg.knn_baselines and knn_data is not None:
         with strategy.scope():
             untrained = build_model(cfg, sync_bn=False, num_images=source.num_train, num_classes=source.num_classes)
         result["baselines"] = {
-            "untrained": knn_evaluation(untrained.online_backbone, source, cfg, log),
+            "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log),
         }
         if hasattr(source, "train_images"):
             result["baselines"]["raw_pixels"] = raw_pixel_knn(source)

@@ -186,3 +186,47 @@ def test_training_streams_tfds_imagenet(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
         result = train.run(cfg, log=lambda *_: None)
     assert result["steps"] == 2 and 0 <= result["knn_top1_k1"] <= 1
+
+
+def test_self_supervised_training_on_unlabelled_images_and_what_is_refused(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+    from tests.test_sources import _unlabelled_tree
+    from tests.test_train_cli import assert_one_sentence_error
+
+    _unlabelled_tree(tmp_path / "data")
+    data = f"--data_dir={tmp_path / 'data'}"
+    out = run_cli("cmsf_tf.train", *SMALL, "--dataset=images", data, f"--model_dir={tmp_path / 'ssl'}",
+                  "--method=cmsf_2q", "--knn_every=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "k-NN uses the labelled val/ split (6 images as the index, 6 as queries)" in out.stdout
+    result = json.loads((tmp_path / "ssl" / "result.json").read_text())
+    assert result["steps"] == 1 and 0 <= result["knn_top1_k1"] <= 1 and "knn_top1_k20" not in result
+    assert len(result["knn_curve"]) == 1
+    ev = run_cli("cmsf_tf.evaluate", "knn", f"--model_dir={tmp_path / 'ssl'}", "--knn_k=1,5")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    knn = json.loads((tmp_path / "ssl" / "eval" / "knn.json").read_text())
+    assert knn["index_size"] == 6 and knn["queries"] == 6
+    assert knn["knn_top1_k1"] == result["knn_top1_k1"]
+    assert_one_sentence_error(run_cli("cmsf_tf.evaluate", "linear", f"--model_dir={tmp_path / 'ssl'}"),
+                              r"the linear probe needs labels, and images's training images have none")
+    assert_one_sentence_error(run_cli("cmsf_tf.train", *SMALL, "--dataset=images", data,
+                                      f"--model_dir={tmp_path / 'sup'}", "--method=cmsf_sup"),
+                              r"--method=cmsf_sup needs labels, .*; train a self-supervised method")
+    assert_one_sentence_error(run_cli("cmsf_tf.train", *SMALL, "--dataset=images", data,
+                                      f"--model_dir={tmp_path / 'split'}", "--label_split=percent:10"),
+                              "--label_split/--label_noise need labels")
+
+    # No labelled val/: self-supervised training still runs (no k-NN, said so); k-NN evaluation is refused.
+    _unlabelled_tree(tmp_path / "bare", with_val=False)
+    bare = f"--data_dir={tmp_path / 'bare'}"
+    out = run_cli("cmsf_tf.train", *SMALL, "--dataset=folder", bare, f"--model_dir={tmp_path / 'b'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no k-NN evaluation: it needs labels" in out.stdout
+    assert "knn_top1_k1" not in json.loads((tmp_path / "b" / "result.json").read_text())
+    assert_one_sentence_error(run_cli("cmsf_tf.evaluate", "knn", f"--model_dir={tmp_path / 'b'}"),
+                              r"k-NN evaluation needs labels, .* no labelled val/<class>/ folder")
+    assert_one_sentence_error(run_cli("cmsf_tf.train", *SMALL, "--dataset=folder", bare,
+                                      f"--model_dir={tmp_path / 'c'}", "--knn_every=1"),
+                              "--knn_every needs labels")

@@ -165,3 +165,54 @@ def test_make_label_split_tool_and_names_split(tmp_path, fmnist_slice):
     assert bad.returncode == 2
     assert ("names 2 images that are not in the data set (first: 99999, n0_missing)"
             in bad.stderr.strip().splitlines()[-1])
+
+
+def _unlabelled_tree(root, with_val=True):
+    """root/train/ holding images at several depths (no class folders) and, optionally, a labelled val/."""
+    import shutil
+
+    from tests.conftest import make_image_tree
+
+    made = make_image_tree(str(root), per_class=4, val_per_class=4 if with_val else 0)
+    train = root / "train"
+    (train / "2021" / "march").mkdir(parents=True)
+    for i, path in enumerate(sorted(p for (split, _), ps in made.items() if split == "train" for p in ps)):
+        target = [train, train / "2021", train / "2021" / "march"][i % 3] / f"img_{i:02d}.jpg"
+        shutil.move(path, target)
+    for cls in ("cat", "dog", "owl"):
+        (train / cls).rmdir()
+    if not with_val:
+        shutil.rmtree(root / "val")
+    (train / "notes.txt").write_text("not an image")
+    return made
+
+
+def test_unlabelled_image_folders(tmp_path):
+    from cmsf_tf.data import sources
+
+    made = _unlabelled_tree(tmp_path)
+    for dataset in ("images", "folder"):  # folder: images directly in train/ mean no classes
+        src = sources.load(dataset, str(tmp_path))
+        assert not sources.has_train_labels(src) and src.num_train == 12
+        assert (src.train_labels == -1).all() and len(set(src.train_files)) == 12
+        assert all(str(f).startswith(str(tmp_path / "train")) for f in src.train_files)
+        assert src.class_names == ("cat", "dog", "owl") and src.num_test == 12
+    # k-NN evaluates on val/ split in two: every other image of each class as the index.
+    knn = sources.knn_source(src)
+    assert sources.has_train_labels(knn) and knn.num_train == 6 and knn.num_test == 6
+    assert sorted(knn.train_labels.tolist() + knn.test_labels.tolist()) == sorted(src.test_labels.tolist())
+    assert set(knn.train_files) | set(knn.test_files) == set(src.test_files)
+    assert set(knn.train_labels.tolist()) == {0, 1, 2}
+    # A tree without train/: every image under the directory; without val/: nothing labelled.
+    bare = tmp_path / "bare"
+    (bare / "a" / "b").mkdir(parents=True)
+    for i, path in enumerate(made[("val", "cat")]):
+        os.rename(path, bare / ("a" if i % 2 else "a/b") / f"{i}.JPEG")
+    src = sources.load("images", str(bare))
+    assert src.num_train == 4 and src.num_test == 0 and sources.knn_source(src) is None
+    assert "no labelled val/<class>/ folder" in sources.no_labels_reason(src, "images", "k-NN evaluation")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(sources.DataError, match="train holds no images"):
+        sources.load("images", str(tmp_path / "empty"))
+    with pytest.raises(sources.DataError, match="needs --data_dir, a directory of images"):
+        sources.load("images", str(tmp_path / "nowhere"))

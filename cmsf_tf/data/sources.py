@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 DEFAULT_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
-DATASETS = ("fashion_mnist", "folder", "tfrecord", "tfds:NAME[/CONFIG]")
+DATASETS = ("fashion_mnist", "folder", "images", "tfrecord", "tfds:NAME[/CONFIG]")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 # ImageNet-100: imagenet100 is the CMSF code's subset (util.subset_classes: seed 1234, first 100 of a
 # permutation of the sorted class ids); imagenet100_cmc is CMC's list (Tian et al.), shared by 10 classes.
@@ -77,6 +77,7 @@ class FileSource:
     num_classes: int
     class_names: tuple
     skipped: tuple = ()  # (path, reason) of files left out as corrupt
+    train_labelled: bool = True  # False: unlabelled training images (train_labels all -1)
 
     @property
     def num_train(self):
@@ -125,7 +126,33 @@ def _tfds_name(dataset):
 
 
 def is_known(dataset):
-    return dataset in ("fashion_mnist", "folder", "tfrecord") or _tfds_name(dataset) is not None
+    return dataset in ("fashion_mnist", "folder", "images", "tfrecord") or _tfds_name(dataset) is not None
+
+
+def has_train_labels(source):
+    """Whether the training images have labels (an unlabelled image folder's have none)."""
+    return getattr(source, "train_labelled", True)
+
+
+def knn_source(source):
+    """The labelled source k-NN evaluation uses: `source` itself when its training images are labelled;
+    for unlabelled training images with a labelled val/, val/ split in two (every other image of the
+    sorted (class, file) list as the index, the rest as queries); None when nothing is labelled."""
+    if has_train_labels(source):
+        return source
+    if not source.num_test:
+        return None
+    index, queries = slice(0, None, 2), slice(1, None, 2)
+    return dataclasses.replace(
+        source, name=f"{source.name}:val", train_files=source.test_files[index],
+        train_labels=source.test_labels[index], test_files=source.test_files[queries],
+        test_labels=source.test_labels[queries], train_labelled=True)
+
+
+def no_labels_reason(source, dataset, what):
+    """One sentence: why `what` (e.g. "k-NN evaluation") cannot run on an unlabelled source."""
+    return (f"{what} needs labels, and {dataset}'s training images have none (no class folders)"
+            + ("" if source.num_test else " and there is no labelled val/<class>/ folder"))
 
 
 def load(dataset, data_dir="", class_list="", max_corrupt_fraction=0.001):
@@ -133,6 +160,8 @@ def load(dataset, data_dir="", class_list="", max_corrupt_fraction=0.001):
         return load_tfds(_tfds_name(dataset), data_dir)
     if dataset == "folder":
         return load_folder(data_dir, class_list, max_corrupt_fraction)
+    if dataset == "images":
+        return load_images(data_dir, max_corrupt_fraction)
     if dataset == "tfrecord":
         return load_tfrecord(data_dir)
     if dataset == "fashion_mnist":
@@ -326,6 +355,47 @@ def _drop_corrupt(files, labels, max_fraction, what):
     return ([f for f, k in zip(files, keep) if k], [lab for lab, k in zip(labels, keep) if k], bad)
 
 
+def _walk_images(root, skip=()):
+    """Every image file under `root` (any depth, sorted paths), leaving out the directories in `skip`."""
+    found, ignored = [], 0
+    for d, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(x for x in subdirs if os.path.join(d, x) not in skip)
+        for n in sorted(names):
+            if n.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(d, n))
+            else:
+                ignored += 1
+    return found, ignored
+
+
+def _holds_images(d):
+    return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(d))
+
+
+def load_images(data_dir, max_corrupt_fraction=0.001):
+    """Unlabelled images for self-supervised training: every image under data_dir/train/ (or under
+    data_dir when it has no train/), at any depth — folder names are not labels. A val/<class>/ tree
+    beside it, if any, is labelled and serves k-NN evaluation (sources.knn_source)."""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise DataError(f"--dataset=images needs --data_dir, a directory of images (got {data_dir!r})")
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    root = train_dir if os.path.isdir(train_dir) else data_dir
+    train_files, _ = _walk_images(root, skip=(val_dir,))
+    if not train_files:
+        raise DataError(f"{root} holds no images (*.jpg, *.jpeg, *.png) at any depth")
+    classes, test_files, test_labels = (), [], []
+    if os.path.isdir(val_dir):
+        classes = tuple(sorted(e.name for e in os.scandir(val_dir) if e.is_dir() and _holds_images(e.path)))
+        test_files, test_labels, _ = _scan_split(val_dir, classes)
+    train_files, _, bad_train = _drop_corrupt(train_files, [-1] * len(train_files), max_corrupt_fraction, "training")
+    test_files, test_labels, bad_test = _drop_corrupt(test_files, test_labels, max_corrupt_fraction, "validation")
+    return FileSource(
+        name=f"images:{os.path.basename(os.path.normpath(data_dir))}",
+        train_files=np.array(train_files), train_labels=np.full(len(train_files), -1, np.int32),
+        test_files=np.array(test_files, dtype=str), test_labels=np.array(test_labels, np.int32),
+        num_classes=len(classes), class_names=classes, skipped=tuple(bad_train + bad_test), train_labelled=False)
+
+
 def load_folder(data_dir, class_list="", max_corrupt_fraction=0.001):
     """An ImageNet-style tree: data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*. Classes are
     the sorted folder names of train/ (or --class_list, e.g. imagenet100), labelled 0..C-1 in sorted
@@ -334,6 +404,8 @@ def load_folder(data_dir, class_list="", max_corrupt_fraction=0.001):
     if not data_dir:
         raise DataError("--dataset=folder needs --data_dir (a directory with train/<class>/ and val/<class>/)")
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if os.path.isdir(train_dir) and not class_list and _holds_images(train_dir):
+        return load_images(data_dir, max_corrupt_fraction)  # images directly in train/: no classes
     for d in (data_dir, train_dir, val_dir):
         if not os.path.isdir(d):
             raise DataError(f"{d} does not exist (--dataset=folder expects train/<class>/ and val/<class>/)")

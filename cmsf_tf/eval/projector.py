@@ -145,7 +145,9 @@ def neighbour_grid(query_images, query_true, found, image_of, true_label_of, cel
         x = _paste(row, _thumb(query_images[q], cell), x, pad, (40, 40, 40), frame) + pad * 3
         for group in groups:
             for image_index in group[q]:
-                colour = (30, 160, 60) if true_label_of(image_index) == query_true[q] else (200, 40, 40)
+                label = true_label_of(image_index)
+                colour = ((150, 150, 150) if label < 0 or query_true[q] < 0  # unlabelled: no verdict
+                          else (30, 160, 60) if label == query_true[q] else (200, 40, 40))
                 x = _paste(row, _thumb(image_of(image_index), cell), x, pad, colour, frame)
             x += pad * 3
         rows.append(row)

@@ -29,6 +29,8 @@ class TrainingPlumbing:
     paper's coupled L2 weight decay with the replica division and loss scaling, and multi-worker logs."""
 
     # ----- what a method tells cmsf_tf.train (so that adding a method is one file + one registry line) -----
+    needs_labels = False  # trains on training labels (refused on unlabelled images)
+
     @classmethod
     def views(cls, cfg):
         """{"strong_view": bool, "third_view": bool}: the views its batches carry besides the weak one."""

@@ -22,6 +22,7 @@ from cmsf_tf.models import heads
 
 
 class CMSFPseudo(MeanShift):
+    needs_labels = True  # the labelled subset trains the pseudo-label head
     extra_metric_names = ("pseudo_accuracy", "confident_fraction")
 
     @classmethod

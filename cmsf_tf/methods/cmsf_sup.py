@@ -11,5 +11,7 @@ from cmsf_tf.methods.base import MeanShift
 
 
 class CMSFSup(MeanShift):
+    needs_labels = True
+
     def neighbour_sets(self, batch, targets, sims):
         return [(1.0, self.label_neighbours(sims, batch["label"], self.bank.labels))]

@@ -15,6 +15,8 @@ from cmsf_tf.models import backbones
 
 
 class CrossEntropy(TrainingPlumbing, keras.Model):
+    needs_labels = True
+
     @classmethod
     def views(cls, cfg):
         return {"strong_view": False, "third_view": False}  # trains on the weak view alone
