@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast data deps bench bench-deps reproduce clean-venv
+.PHONY: demo test test-fast data deps bench bench-deps reproduce bazel clean-venv
 
 demo: deps data
 	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg --model_dir=runs/demo
@@ -35,6 +35,17 @@ bench: deps bench-deps
 reproduce: deps data
 	$(PY) -m pip install -q matplotlib
 	$(PY) tools/reproduce_small.py
+
+# Bazel: Debian's bazel-bootstrap (4.2, from the Debian archive; offline with the stand-ins in tools/bazel),
+# every target built, the ops and memory tests run through bazel test on the .venv interpreter.
+bazel: deps data
+	@command -v bazel >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's bazel-bootstrap"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap >/dev/null; \
+	  else echo "error: bazel is not installed (as root: apt-get install bazel-bootstrap)" >&2; exit 2; fi; }
+	bazel build //...
+	bazel test //:test_ops //:test_memory
 
 bench-deps: deps
 	$(PY) -m pip install -q -r requirements-bench.txt
