@@ -121,9 +121,10 @@ TRAIN_SETTINGS = (
     Setting("conf_threshold", "float", 0.85,
             "cmsf_pseudo: smallest pseudo-label probability that constrains an "
             "unlabelled query (below it: plain MSF neighbours).", identity=True),
-    Setting("sup_bank_size", "integer", 128000,
-            "cmsf_pseudo: rows of the cache of labelled target embeddings the "
-            "pseudo-label head trains on.", identity=True),
+    Setting("labelled_cache_size", "integer", 128000,
+            "cmsf_pseudo: rows of the LabelledCache, the ring of labelled target embeddings the "
+            "pseudo-label head trains on (the official code's --sup_mem_bank_size; formerly "
+            "--sup_bank_size, still accepted).", identity=True),
     Setting("pseudo_cache_confident", "bool", False,
             "cmsf_pseudo: also cache confidently pseudo-labelled images."),
     Setting("pseudo_epochs", "integer", 10,
@@ -205,7 +206,20 @@ def define_flags():
     for setting in TRAIN_SETTINGS + EVAL_SETTINGS:
         if setting.name not in FLAGS:
             getattr(flags, f"DEFINE_{setting.kind}")(setting.name, setting.default, setting.help)
+    for old, new in RENAMED.items():
+        if old not in FLAGS:
+            flags.DEFINE_alias(old, new)
     flags.mark_flag_as_required("model_dir")
+
+
+# Settings renamed since: old name -> new name. The old flag stays an alias; a run directory written
+# with the old name (flags.json) reads as the new one (upgrade_flags).
+RENAMED = {"sup_bank_size": "labelled_cache_size"}
+
+
+def upgrade_flags(saved):
+    """A run's flags.json dict with renamed settings under their current names."""
+    return {RENAMED.get(name, name): value for name, value in saved.items()}
 
 
 def _to_dict(self):
@@ -271,8 +285,8 @@ def validate(cfg):
             raise UsageError("--method=cmsf_pseudo needs --label_split (with every image labelled, use cmsf_sup)")
         if not 0 < cfg.conf_threshold <= 1:
             raise UsageError(f"--conf_threshold must be in (0, 1] (got {cfg.conf_threshold})")
-        if cfg.sup_bank_size < cfg.batch_size:
-            raise UsageError(f"--sup_bank_size {cfg.sup_bank_size} is smaller than the global --batch_size "
+        if cfg.labelled_cache_size < cfg.batch_size:
+            raise UsageError(f"--labelled_cache_size {cfg.labelled_cache_size} is smaller than the global --batch_size "
                              f"{cfg.batch_size}; one batch must fit in the cache")
         _ints("pseudo_milestones", cfg.pseudo_milestones, 0)
         for name in ("pseudo_epochs", "pseudo_batch_size"):

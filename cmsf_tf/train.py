@@ -50,7 +50,7 @@ def prepare_model_dir(cfg):
     try:
         held = rundir.lock(path) if is_chief_process(cfg) else None
         saved = os.path.join(path, "flags.json")
-        previous = rundir.read_flags(saved) if os.path.exists(saved) and os.path.isdir(
+        previous = config.upgrade_flags(rundir.read_flags(saved)) if os.path.exists(saved) and os.path.isdir(
             os.path.join(path, "checkpoints")) else None
     except rundir.RunDirError as e:
         raise config.UsageError(str(e)) from None

@@ -71,7 +71,7 @@ def test_settings_table_makes_the_config_and_the_run_identity():
         "method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
         "topk_prime", "cmsf_2q_view", "constraint_fill", "pool_dtype", "num_clusters", "proj_hidden", "proj_dim",
         "seed", "steps_per_epoch", "label_split", "label_noise", "label_noise_file", "label_smoothing",
-        "sup_bank_size", "conf_threshold"}
+        "labelled_cache_size", "conf_threshold"}
     names = [s.name for s in config.TRAIN_SETTINGS + config.EVAL_SETTINGS]
     assert len(names) == len(set(names))
     assert config.make().to_dict() == {s.name: tuple(s.default) if s.kind == "list" else s.default
@@ -99,3 +99,29 @@ app.run(main)
                          env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batch 3 mine" in out.stdout
+
+
+def test_renamed_settings_keep_their_old_flag_and_old_run_dirs():
+    assert parse("--model_dir=/tmp/x", "--sup_bank_size=640").labelled_cache_size == 640
+    assert parse("--model_dir=/tmp/x", "--labelled_cache_size=320").labelled_cache_size == 320
+    old = {"method": "cmsf_pseudo", "sup_bank_size": 6144, "seed": 1}
+    assert config.upgrade_flags(old) == {"method": "cmsf_pseudo", "labelled_cache_size": 6144, "seed": 1}
+
+
+def test_resuming_a_run_saved_under_an_old_setting_name(tmp_path):
+    """A run directory whose flags.json says sup_bank_size resumes with the same value and is refused
+    with another, under the setting's new name."""
+    import json
+
+    from cmsf_tf import train
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = config.make(method="cmsf_pseudo", model_dir=str(run), labelled_cache_size=6144, label_split="percent:10")
+    saved = {("sup_bank_size" if k == "labelled_cache_size" else k): v for k, v in cfg.to_dict().items()}
+    (run / "flags.json").write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}))
+    train.prepare_model_dir(cfg)  # same value: accepted
+    (run / "flags.json").write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}))
+    other = config.make(method="cmsf_pseudo", model_dir=str(run), labelled_cache_size=512, label_split="percent:10")
+    with pytest.raises(config.UsageError, match="--labelled_cache_size=6144, but this one asks for --labelled_cache_size=512"):
+        train.prepare_model_dir(other)

@@ -322,7 +322,7 @@ def tiny_pseudo(topk=3, bank=64, cache=32, threshold=0.85):
     keras.utils.set_random_seed(0)
     model = METHODS["cmsf_pseudo"](arch="resnet18_small", image_size=SIZE, width=4, proj_hidden=32, proj_dim=16,
                                    bank_size=bank, topk=topk, ema_momentum=0.9, weight_decay=1e-4, num_classes=4,
-                                   conf_threshold=threshold, sup_bank_size=cache)
+                                   conf_threshold=threshold, cache_size=cache)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     return model
 
@@ -441,7 +441,7 @@ def test_every_method_describes_its_model_views_and_callbacks():
     from cmsf_tf.callbacks.pseudo_label import PseudoLabelTrainer
 
     tiny = dict(dataset="fashion_mnist", arch="resnet18_small", width=4, image_size=28, batch_size=8, bank_size=16,
-                topk=2, proj_hidden=16, proj_dim=8, topk_prime=2, num_clusters=3, sup_bank_size=8)
+                topk=2, proj_hidden=16, proj_dim=8, topk_prime=2, num_clusters=3, labelled_cache_size=8)
     expected_callbacks = {"cmsf_km": [KMeansClusters], "cmsf_pseudo": [PseudoLabelTrainer]}
     for name, cls in METHODS.items():
         extra = {"label_split": "percent:10"} if name == "cmsf_pseudo" else {}

@@ -48,7 +48,7 @@ def checkpoint_state(model_dir):
             if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
-PSEUDO_FLAGS = ["--method=cmsf_pseudo", "--label_split=percent:25", "--sup_bank_size=64", "--pseudo_epochs=2",
+PSEUDO_FLAGS = ["--method=cmsf_pseudo", "--label_split=percent:25", "--labelled_cache_size=64", "--pseudo_epochs=2",
                 "--pseudo_lr=0.1", "--conf_threshold=0.5"]
 METHOD_FLAGS = {"msf": [], "cmsf_2q": ["--method=cmsf_2q", "--topk_prime=4"],
                 "cmsf_km": ["--method=cmsf_km", "--num_clusters=4", "--kmeans_iters=3"],

@@ -73,7 +73,7 @@ def tf_step(method, net, threads):
 
     cfg = config.make(method=method, arch=net["arch"], width=net["width"], image_size=net["image_size"],
                       batch_size=net["batch"], bank_size=net["bank_size"], num_clusters=net["num_clusters"],
-                      topk=1 if method == "byol" else 5, sup_bank_size=net["bank_size"],
+                      topk=1 if method == "byol" else 5, labelled_cache_size=net["bank_size"],
                       label_split="percent:10" if method == "cmsf_pseudo" else "")
     model = train.build_model(cfg, sync_bn=False, num_images=net["num_images"], num_classes=net["num_classes"])
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=bool(threads.get("jit")))

@@ -58,7 +58,7 @@ LABEL_SPLIT = "percent:10"
 # --quick: the tiny network and a few steps, for a smoke test of the whole tool.
 QUICK_TRAIN = ["--width=4", "--batch_size=32", "--bank_size=128", "--topk=3", "--topk_prime=4", "--proj_hidden=32",
                "--proj_dim=16", "--epochs=2", "--steps_per_epoch=3", "--num_clusters=8", "--kmeans_iters=2",
-               "--sup_bank_size=64", "--pseudo_epochs=1", "--knn_every=1", "--knn_every_queries=200",
+               "--labelled_cache_size=64", "--pseudo_epochs=1", "--knn_every=1", "--knn_every_queries=200",
                "--knn_every_index=0", "--noknn_baselines"]
 QUICK_EVAL = ["--linear_epochs=2", "--linear_milestones=1", "--semi_epochs=1", "--semi_milestones=1"]
 METRICS = [("knn_top1_k20", "20-NN"), ("knn_top1_k1", "1-NN"), ("linear_top1", "linear"),

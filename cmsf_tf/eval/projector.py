@@ -90,7 +90,7 @@ def restore_training_model(model_dir, checkpoint, source, label_plan):
     from cmsf_tf.methods import METHODS
     from cmsf_tf.rundir import read_flags
 
-    flags = read_flags(os.path.join(model_dir, "flags.json"))
+    flags = config.upgrade_flags(read_flags(os.path.join(model_dir, "flags.json")))
     names = {s.name for s in config.TRAIN_SETTINGS}
     cfg = config.make(**{k: v for k, v in flags.items() if k in names})
     model = METHODS[cfg.method].from_run_config(cfg, sync_bn=False, num_images=source.num_train,

@@ -27,7 +27,7 @@ class CMSFPseudo(MeanShift):
 
     @classmethod
     def config_options(cls, cfg, num_images, num_classes):
-        return dict(num_classes=num_classes, conf_threshold=cfg.conf_threshold, sup_bank_size=cfg.sup_bank_size,
+        return dict(num_classes=num_classes, conf_threshold=cfg.conf_threshold, cache_size=cfg.labelled_cache_size,
                     cache_confident=cfg.pseudo_cache_confident)
 
     @classmethod
@@ -38,7 +38,7 @@ class CMSFPseudo(MeanShift):
                                    [int(m) for m in cfg.pseudo_milestones], cfg.pseudo_batch_size, cfg.seed,
                                    logdir=logdir, log=log, weight_decay=cfg.pseudo_weight_decay)]
 
-    def __init__(self, *, num_classes, conf_threshold=0.85, sup_bank_size=128000, cache_confident=False,
+    def __init__(self, *, num_classes, conf_threshold=0.85, cache_size=128000, cache_confident=False,
                  sync_bn=False, **kwargs):
         super().__init__(sync_bn=sync_bn, **kwargs)
         self.num_classes = int(num_classes)
@@ -46,7 +46,7 @@ class CMSFPseudo(MeanShift):
         self.cache_confident = bool(cache_confident)
         dim = self.embedding_dim
         self.pseudo_head = heads.mlp(dim, 2 * dim, self.num_classes, sync_bn, "pseudo_head")
-        self.labelled_cache = LabelledCache(sup_bank_size, dim, name="labelled_cache")
+        self.labelled_cache = LabelledCache(cache_size, dim, name="labelled_cache")
 
     def pseudo_probabilities(self, targets):
         return tf.nn.softmax(tf.cast(self.pseudo_head(targets, training=False), tf.float32), axis=-1)
