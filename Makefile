@@ -26,7 +26,7 @@ bench: deps bench-deps
 	$(PY) tools/bench_step.py --json=bench/results.json
 	$(PY) tools/bench_nn.py --json=bench/results.json
 	$(PY) tools/bench_input.py
-	$(PY) tools/bench_kmeans.py
+	$(PY) tools/bench_kmeans.py --json=bench/results.json
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000
 	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
 

@@ -53,34 +53,69 @@ def _kmeans_pp(x, k, seed, trials):
     return centroids.stack()
 
 
+# faiss's relative perturbation of a split centroid (Clustering.cpp, EPS = 1 / 1024).
+_SPLIT_EPS = 1.0 / 1024
+
+
+def _split_into_empty(centroids, counts, seed, iteration):
+    """faiss's rule for empty clusters: each takes a copy of a populated cluster, drawn with probability
+    proportional to (size - 1) (distinct donors: Gumbel top-k), and the two copies are pushed apart by
+    +-EPS on alternate coordinates, so the next assignment splits the donor's points between them."""
+    k = tf.shape(counts)[0]
+    empty = counts == 0
+    weights = tf.maximum(counts - 1.0, 0.0)
+    u = tf.random.stateless_uniform([k], [seed, 1000 + iteration], 1e-12, 1.0)
+    scores = tf.where(weights > 0, tf.math.log(tf.maximum(weights, 1e-30)) - tf.math.log(-tf.math.log(u)),
+                      -1e30 - tf.cast(tf.range(k), tf.float32))  # never a donor unless nothing else is left
+    order = tf.argsort(scores, direction="DESCENDING")
+    donor = tf.gather(order, tf.maximum(tf.cumsum(tf.cast(empty, tf.int32)) - 1, 0))
+    sign = tf.where(tf.range(tf.shape(centroids)[1]) % 2 == 0, _SPLIT_EPS, -_SPLIT_EPS)
+    split = tf.where(empty[:, None], tf.gather(centroids, donor) * (1.0 + sign), centroids)
+    gave = tf.math.unsorted_segment_max(tf.cast(empty, tf.float32), donor, k) > 0
+    return tf.math.l2_normalize(tf.where(gave[:, None], split * (1.0 - sign), split), axis=1)
+
+
+def _reseed_farthest(centroids, counts, x, sim, k, n):
+    """Each empty cluster restarts at one of the worst-served points, worst first."""
+    empty = counts == 0
+    worst = tf.math.top_k(-sim, k=tf.minimum(k, n)).indices
+    slot = tf.cumsum(tf.cast(empty, tf.int32)) - 1
+    return tf.where(empty[:, None], tf.gather(x, tf.gather(worst, tf.maximum(slot, 0))), centroids)
+
+
 @tf.function(reduce_retracing=True)
-def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192):
+def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192, empty="split", init_sample=20):
     """Clusters the unit rows of float32 `x` [N, D] into k groups by cosine similarity.
 
     Returns (centroids [k, D] unit, assignments int32 [N], inertia) where inertia = sum over points of
     2 - 2 <x, centroid> (the squared Euclidean distance for unit vectors). `init`: "random" (k distinct
-    points chosen with the seed) or "kmeans++". An empty cluster is re-seeded with the point that is
-    currently farthest from its centroid, so all k clusters stay in use.
+    points chosen with the seed) or "kmeans++" (greedy k-means++ seeding on `init_sample` random points
+    per cluster). `empty`: what an empty cluster becomes — "split"
+    (faiss's rule: half of a large cluster, see _split_into_empty) or "farthest" (the point currently
+    farthest from its centroid); either way all k clusters stay in use.
     """
     x = tf.cast(x, tf.float32)
     n = tf.shape(x)[0]
     if init == "kmeans++":
-        centroids = _kmeans_pp(x, k, seed, trials=2 + int(math.log(k)))
+        # Seeding is k sequential passes: over a random sample of init_sample points per cluster
+        # (all points when there are fewer) it costs what a few Lloyd iterations do.
+        sample = tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 2])[:init_sample * k]
+        centroids = _kmeans_pp(tf.gather(x, sample), k, seed, trials=2 + int(math.log(k)))
     else:
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 1])
         centroids = tf.gather(x, order[:k])
 
-    def step(_, centroids):
+    if empty not in ("split", "farthest"):
+        raise ValueError(f"unknown empty-cluster rule {empty!r}; choose split or farthest")
+
+    def step(i, centroids):
         best, sim = _assign(x, centroids, chunk)
         sums = tf.math.unsorted_segment_sum(x, best, k)
         counts = tf.math.unsorted_segment_sum(tf.ones_like(sim), best, k)
-        # Re-seed empty clusters with the worst-served points, worst first.
-        empty = counts == 0
-        worst = tf.math.top_k(-sim, k=tf.minimum(k, n)).indices
-        slot = tf.cumsum(tf.cast(empty, tf.int32)) - 1
-        reseed = tf.gather(x, tf.gather(worst, tf.maximum(slot, 0)))
-        new = tf.where(empty[:, None], reseed, tf.math.l2_normalize(sums, axis=1))
-        return _ + 1, new
+        means = tf.where((counts > 0)[:, None], tf.math.l2_normalize(sums, axis=1), centroids)
+        if empty == "split":
+            return i + 1, _split_into_empty(means, counts, seed, i)
+        return i + 1, _reseed_farthest(means, counts, x, sim, k, n)
 
     _, centroids = tf.while_loop(lambda i, _: i < iters, step, (0, centroids))
     best, sim = _assign(x, centroids, chunk)

@@ -42,3 +42,19 @@ def test_bench_step_quick_and_report(tmp_path):
     run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
     text = readme.read_text()
     assert "old" not in text and "| tiny | cmsf_km | cmsf_tf |" in text and text.endswith("rest\n")
+
+
+def test_bench_kmeans_quick_and_report(tmp_path):
+    results = tmp_path / "results.json"
+    out = run_tool(os.path.join(TOOLS, "bench_kmeans.py"), "--n=3000", "--d=16", "--k=30", "--iters=3",
+                   f"--json={results}")
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["tool"] == "bench_kmeans" and json.loads(out.strip().splitlines()[-1]) == record
+    ours = [r for r in record["rows"] if r["method"].startswith("cmsf_tf")]
+    assert [r["method"] for r in ours] == ["cmsf_tf random + split (default)", "cmsf_tf random + farthest",
+                                           "cmsf_tf kmeans++ + split"]
+    assert all(r["seconds"] > 0 and r["inertia"] > 0 for r in ours)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
+    assert "| cmsf_tf random + split (default) |" in readme.read_text()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cmsf_tf import clustering
 
@@ -59,3 +60,32 @@ def test_empty_clusters_are_reseeded():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     _, assignments, _ = clustering.spherical_kmeans(x, 5, iters=10, seed=0, init="random")
     assert len(np.unique(assignments.numpy())) == 5
+
+
+def test_empty_clusters_split_a_large_cluster_as_faiss_does():
+    """faiss's rule (Clustering.cpp split_clusters): an empty cluster takes a copy of a cluster with more
+    than one point, and the two are pushed apart by +-1/1024 on alternate coordinates."""
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(6, 8)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    counts = np.array([0, 40, 1, 0, 9, 30], np.float32)
+    out = clustering._split_into_empty(tf.constant(c), tf.constant(counts), 0, 0).numpy()
+    sign = np.where(np.arange(8) % 2 == 0, 1 / 1024, -1 / 1024)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    donors = []
+    for e in (0, 3):
+        (donor,) = [j for j in (1, 4, 5) if np.allclose(out[e], unit(c[j] * (1 + sign)), atol=1e-6)]
+        np.testing.assert_allclose(out[donor], unit(c[donor] * (1 - sign)), atol=1e-6)
+        donors.append(donor)
+    assert len(set(donors)) == 2  # distinct donors, never the single-point cluster 2
+    for j in {1, 2, 4, 5} - set(donors):
+        np.testing.assert_allclose(out[j], c[j], atol=1e-6)
+    # Donors are drawn in proportion to size - 1 (one empty cluster, 300 draws): 39 : 29 : 8 : 29.
+    counts = tf.constant(np.array([0, 40, 1, 30, 9, 30], np.float32))
+    gave = np.zeros(6)
+    for seed in range(300):
+        out = clustering._split_into_empty(tf.constant(c), counts, seed, 0).numpy()
+        gave += np.abs(out - c).max(axis=1) > 1e-4
+    assert gave[0] == 300 and gave[2] == 0 and gave.sum() == 600  # the empty one, and exactly one donor
+    share = gave[[1, 3, 4, 5]] / 300
+    np.testing.assert_allclose(share, np.array([39, 29, 8, 29]) / 105, atol=0.08)

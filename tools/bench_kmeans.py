@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def clustered(n, d, true_k, seed=0):
@@ -33,6 +34,13 @@ def inertia(x, assignments, k):
     return float(((x - means[assignments]) ** 2).sum())
 
 
+SETTINGS = {  # name -> spherical_kmeans arguments; the first is the library's default
+    "random + split (default)": dict(init="random", empty="split"),
+    "random + farthest": dict(init="random", empty="farthest"),
+    "kmeans++ + split": dict(init="kmeans++", empty="split"),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200_000)
@@ -40,34 +48,47 @@ def main():
     parser.add_argument("--k", type=int, default=2000)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=8192)
-    parser.add_argument("--init", default="random", choices=["random", "kmeans++"])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS to run")
+    parser.add_argument("--json", default="", help="append the JSON line to this file")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import benchlib
+
     from cmsf_tf import clustering
 
     x = clustered(args.n, args.d, args.k)
     clustering.spherical_kmeans(x[:1000], 10, iters=1)  # trace once outside the timing
-    start = time.perf_counter()
-    _, ours, _ = clustering.spherical_kmeans(x, args.k, iters=args.iters, seed=0, init=args.init,
-                                                 chunk=args.chunk)
-    ours_s = time.perf_counter() - start
-    ours_inertia = inertia(x, ours.numpy(), args.k)
-    print(f"{args.n} x {args.d} -> {args.k} clusters, {args.iters} iterations, {args.init} init (faiss: random):")
-    print(f"  cmsf_tf spherical_kmeans  {ours_s:7.1f} s   inertia {ours_inertia:.1f}")
+    rows = []
+    for name in args.settings.split(","):
+        start = time.perf_counter()
+        _, ours, _ = clustering.spherical_kmeans(x, args.k, iters=args.iters, seed=0, chunk=args.chunk,
+                                                 **SETTINGS[name])
+        rows.append({"method": f"cmsf_tf {name}", "seconds": round(time.perf_counter() - start, 2),
+                     "inertia": round(inertia(x, ours.numpy(), args.k), 1)})
     try:
         import faiss
     except ImportError:
-        print("  faiss-cpu not installed: no comparison (pip install faiss-cpu)")
-        return
-    km = faiss.Kmeans(args.d, args.k, niter=args.iters, spherical=True, seed=0, verbose=False)
-    start = time.perf_counter()
-    km.train(x)
-    _, theirs = km.index.search(x, 1)
-    faiss_s = time.perf_counter() - start
-    faiss_inertia = inertia(x, theirs[:, 0], args.k)
-    print(f"  faiss Kmeans (spherical)  {faiss_s:7.1f} s   inertia {faiss_inertia:.1f}")
-    print(f"  time ratio {ours_s / faiss_s:.2f}x (target <= 1.5x), inertia ratio {ours_inertia / faiss_inertia:.4f} "
-          "(target <= 1.01)")
+        faiss = None
+        print("faiss-cpu not installed: no comparison (pip install faiss-cpu)")
+    if faiss is not None:
+        km = faiss.Kmeans(args.d, args.k, niter=args.iters, spherical=True, seed=0, verbose=False)
+        start = time.perf_counter()
+        km.train(x)
+        _, theirs = km.index.search(x, 1)
+        reference = {"method": f"faiss {faiss.__version__} Kmeans(spherical), random init",
+                     "seconds": round(time.perf_counter() - start, 2), "inertia": round(inertia(x, theirs[:, 0], args.k), 1)}
+        for row in rows:
+            row["time_vs_faiss"] = round(row["seconds"] / reference["seconds"], 3)
+            row["inertia_vs_faiss"] = round(row["inertia"] / reference["inertia"], 4)
+            row["meets_target"] = row["time_vs_faiss"] <= 1.5 and row["inertia_vs_faiss"] <= 1.01
+        rows.append(reference)
+    print(f"{args.n} x {args.d} -> {args.k} clusters, {args.iters} iterations (targets: inertia <= 1.01x faiss, "
+          "time <= 1.5x):")
+    for row in rows:
+        extra = (f"   time {row['time_vs_faiss']:.2f}x, inertia {row['inertia_vs_faiss']:.4f}x"
+                 if "time_vs_faiss" in row else "")
+        print(f"  {row['method']:<48} {row['seconds']:7.1f} s   inertia {row['inertia']:,.1f}{extra}")
+    benchlib.emit_json("bench_kmeans", rows, args.json, settings={k: v for k, v in vars(args).items() if k != "json"})
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def render(runs):
                    f"clusters{', with the gradient to the queries' if s.get('grad', True) else ', forward only'}):\n")
         out.append(table(nn["rows"], [("constraint", "constraint"), ("dtype", "dtype"), ("cmsf_tf ms", "cmsf_tf_ms"),
                                       ("authors' formulation ms", "authors_ms"), ("ratio", "ratio")]))
+    km = runs.get("bench_kmeans")
+    if km:
+        s = km["settings"]
+        out.append(f"\nk-means (`tools/bench_kmeans.py`, {km['time']}: {s['n']:,} x {s['d']} unit vectors around "
+                   f"{s['k']:,} centres -> {s['k']:,} clusters, {s['iters']} iterations; inertia = squared distances to "
+                   "each method's own cluster means):\n")
+        out.append(table(km["rows"], [("method", "method"), ("seconds", "seconds"), ("inertia", "inertia"),
+                                      ("time vs faiss", "time_vs_faiss"), ("inertia vs faiss", "inertia_vs_faiss"),
+                                      ("meets target", "meets_target")]))
     return "\n".join(out) + "\n"
 
 
