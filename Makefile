@@ -25,9 +25,9 @@ bench: deps bench-deps
 	mkdir -p bench
 	$(PY) tools/bench_step.py --json=bench/results.json
 	$(PY) tools/bench_nn.py --json=bench/results.json
-	$(PY) tools/bench_input.py
+	$(PY) tools/bench_input.py --json=bench/results.json
 	$(PY) tools/bench_kmeans.py --json=bench/results.json
-	$(PY) tools/bench_knn.py --n=200000 --queries=2000
+	$(PY) tools/bench_knn.py --n=200000 --queries=2000 --json=bench/results.json
 	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
 
 # The Fashion-MNIST study behind the README's learning-quality tables: every method, several seeds

@@ -58,3 +58,21 @@ def test_bench_kmeans_quick_and_report(tmp_path):
     readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
     run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
     assert "| cmsf_tf random + split (default) |" in readme.read_text()
+
+
+def test_bench_input_and_knn_quick_and_report(tmp_path):
+    results = tmp_path / "results.json"
+    run_tool(os.path.join(TOOLS, "bench_input.py"), "--images=64", "--seconds=0.5", f"--json={results}")
+    run_tool(os.path.join(TOOLS, "bench_knn.py"), "--n=20000", "--queries=50", "--classes=10", "--dim=16",
+             f"--json={results}")
+    records = {json.loads(line)["tool"]: json.loads(line) for line in results.read_text().splitlines()}
+    assert [r["images_per_s"] > 0 for r in records["bench_input"]["rows"]] == [True, True]
+    assert records["bench_input"]["rows"][0]["vs_reference"] > 0
+    knn_rows = records["bench_knn"]["rows"]
+    assert knn_rows[0]["search"] == "exact (brute force)" and knn_rows[1]["search"].endswith("(defaults)")
+    assert 0 <= knn_rows[1]["label_agreement"] <= 1
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
+    text = readme.read_text()
+    assert "Input pipeline (`tools/bench_input.py`" in text and "| exact (brute force) |" in text

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_jpegs(directory, count, seed=0):
@@ -135,6 +136,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--json", default="", help="append the JSON line to this file")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -149,6 +151,13 @@ def main():
     print(f"  cmsf_tf tf.data (decode_and_crop_jpeg) {ours:8.1f}")
     print(f"  {name:<38} {theirs:8.1f}")
     print(f"  ratio {ours / theirs:.2f}x (target >= 1.5x)")
+    import benchlib
+
+    benchlib.emit_json("bench_input", [
+        {"pipeline": "cmsf_tf tf.data (decode_and_crop_jpeg)", "images_per_s": round(ours, 1),
+         "vs_reference": round(ours / theirs, 3)},
+        {"pipeline": name, "images_per_s": round(theirs, 1)}], args.json,
+        settings={"images": args.images, "seconds": args.seconds, "cores": 1, "image_size": 224})
 
 
 if __name__ == "__main__":

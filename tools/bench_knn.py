@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def clustered(n, dim, classes, spread, seed, sub=0.2, chunk=100_000):
@@ -48,6 +49,7 @@ def main():
     parser.add_argument("--sweep", default="", help="also search the approx index with these "
                         "leaves_to_search:reorder pairs, e.g. 100:200,150:500 (the index is built once)")
     parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--json", default="", help="append the one-line JSON record to this file")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -92,6 +94,16 @@ def main():
     print(f"default approx search: {r['speedup']:.1f}x faster than exact (target >= 10x), predicted labels agree "
           f"on {100 * r['label_agreement']:.2f}% of queries (target >= 99.5%)")
     print(json.dumps(summary, indent=2))
+    import benchlib
+
+    table = [{"search": "exact (brute force)", "search_s": round(exact_s, 2), "speedup": 1.0,
+              "top1": summary["exact"]["top1"]}]
+    table += [{"search": f"approx, {r['leaves_to_search']} leaves, re-rank {r['reorder']}"
+               + (" (defaults)" if i == 0 else ""), **{k: r[k] for k in ("search_s", "speedup", "label_agreement", "top1")}}
+              for i, r in enumerate(rows)]
+    benchlib.emit_json("bench_knn", table, args.json,
+                       settings={k: v for k, v in summary.items() if k not in ("exact", "approx")},
+                       build_s={"exact": summary["exact"]["build_s"], "approx": summary["approx"]["build_s"]})
 
 
 if __name__ == "__main__":

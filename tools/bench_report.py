@@ -66,6 +66,20 @@ def render(runs):
                    f"clusters{', with the gradient to the queries' if s.get('grad', True) else ', forward only'}):\n")
         out.append(table(nn["rows"], [("constraint", "constraint"), ("dtype", "dtype"), ("cmsf_tf ms", "cmsf_tf_ms"),
                                       ("authors' formulation ms", "authors_ms"), ("ratio", "ratio")]))
+    inp = runs.get("bench_input")
+    if inp:
+        s = inp["settings"]
+        out.append(f"\nInput pipeline (`tools/bench_input.py`, {inp['time']}: two-view {s['image_size']} px training "
+                   f"images per second on one core, {s['images']} JPEGs of ~500x375):\n")
+        out.append(table(inp["rows"], [("pipeline", "pipeline"), ("images/s", "images_per_s"),
+                                       ("vs reference", "vs_reference")]))
+    kn = runs.get("bench_knn")
+    if kn:
+        s = kn["settings"]
+        out.append(f"\nk-NN retrieval (`tools/bench_knn.py`, {kn['time']}: {s['n']:,} x {s['dim']} index, "
+                   f"{s['queries']:,} queries, {s['classes']:,} classes, 20-NN majority vote):\n")
+        out.append(table(kn["rows"], [("search", "search"), ("search s", "search_s"), ("speed-up", "speedup"),
+                                      ("labels agree", "label_agreement"), ("top-1", "top1")]))
     km = runs.get("bench_kmeans")
     if km:
         s = km["settings"]
