@@ -25,6 +25,8 @@ bench: deps bench-deps
 	mkdir -p bench
 	$(PY) tools/bench_step.py --json=bench/results.json
 	$(PY) tools/bench_nn.py --json=bench/results.json
+	$(PY) tools/profile_step.py --method=msf --json=bench/results.json
+	$(PY) tools/profile_step.py --method=cmsf_2q --json=bench/results.json
 	$(PY) tools/bench_input.py --json=bench/results.json
 	$(PY) tools/bench_kmeans.py --json=bench/results.json
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000 --json=bench/results.json

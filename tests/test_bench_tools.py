@@ -76,3 +76,15 @@ def test_bench_input_and_knn_quick_and_report(tmp_path):
     run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
     text = readme.read_text()
     assert "Input pipeline (`tools/bench_input.py`" in text and "| exact (brute force) |" in text
+
+
+def test_profile_step_quick(tmp_path):
+    results = tmp_path / "results.json"
+    out = run_tool(os.path.join(TOOLS, "profile_step.py"), "--net=tiny", "--method=cmsf_2q", "--steps=2",
+                   f"--json={results}")
+    record = json.loads(results.read_text().splitlines()[-1])
+    parts = {r["part"]: r for r in record["rows"]}
+    assert record["tool"] == "profile_step" and "by op type" in out
+    assert parts["online network + gradient"]["ms_per_step"] > 0 and parts["target network"]["ms_per_step"] > 0
+    assert abs(sum(r["share"] for r in record["rows"]) - 1) < 0.01
+    assert any(op["op"].endswith("Conv2D") for op in record["op_types"])
