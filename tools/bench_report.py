@@ -47,6 +47,32 @@ def _fmt(value):
     return str(value)
 
 
+# tool -> (heading of its newest record and settings, table columns), in the README's order after the step.
+SECTIONS = (
+    ("bench_nn",
+     lambda r, s: (f"Neighbour step (`tools/bench_nn.py`, {r['time']}: B {s['batch']}, bank {s['bank']:,} x "
+                   f"{s['dim']}, k {s['k']}, k' {s['kprime']}, {s['classes']:,} classes, {s['clusters']:,} "
+                   f"clusters{', with the gradient to the queries' if s.get('grad', True) else ', forward only'}):"),
+     [("constraint", "constraint"), ("dtype", "dtype"), ("cmsf_tf ms", "cmsf_tf_ms"),
+      ("authors' formulation ms", "authors_ms"), ("ratio", "ratio")]),
+    ("bench_input",
+     lambda r, s: (f"Input pipeline (`tools/bench_input.py`, {r['time']}: two-view {s['image_size']} px training "
+                   f"images per second on one core, {s['images']} JPEGs of ~500x375):"),
+     [("pipeline", "pipeline"), ("images/s", "images_per_s"), ("vs reference", "vs_reference")]),
+    ("bench_knn",
+     lambda r, s: (f"k-NN retrieval (`tools/bench_knn.py`, {r['time']}: {s['n']:,} x {s['dim']} index, "
+                   f"{s['queries']:,} queries, {s['classes']:,} classes, 20-NN majority vote):"),
+     [("search", "search"), ("search s", "search_s"), ("speed-up", "speedup"), ("labels agree", "label_agreement"),
+      ("top-1", "top1")]),
+    ("bench_kmeans",
+     lambda r, s: (f"k-means (`tools/bench_kmeans.py`, {r['time']}: {s['n']:,} x {s['d']} unit vectors around "
+                   f"{s['k']:,} centres -> {s['k']:,} clusters, {s['iters']} iterations; inertia = squared "
+                   "distances to each method's own cluster means):"),
+     [("method", "method"), ("seconds", "seconds"), ("inertia", "inertia"), ("time vs faiss", "time_vs_faiss"),
+      ("inertia vs faiss", "inertia_vs_faiss"), ("meets target", "meets_target")]),
+)
+
+
 def render(runs):
     out = []
     step = runs.get("bench_step")
@@ -58,37 +84,11 @@ def render(runs):
                                         ("ms/step", "ms"), ("min", "min_ms"), ("max", "max_ms"),
                                         ("images/s", "images_per_s"), ("vs byol", "vs_byol"),
                                         ("vs PyTorch", "vs_torch"), ("peak RSS MB", "rss_mb")]))
-    nn = runs.get("bench_nn")
-    if nn:
-        s = nn["settings"]
-        out.append(f"\nNeighbour step (`tools/bench_nn.py`, {nn['time']}: B {s['batch']}, bank {s['bank']:,} x "
-                   f"{s['dim']}, k {s['k']}, k' {s['kprime']}, {s['classes']:,} classes, {s['clusters']:,} "
-                   f"clusters{', with the gradient to the queries' if s.get('grad', True) else ', forward only'}):\n")
-        out.append(table(nn["rows"], [("constraint", "constraint"), ("dtype", "dtype"), ("cmsf_tf ms", "cmsf_tf_ms"),
-                                      ("authors' formulation ms", "authors_ms"), ("ratio", "ratio")]))
-    inp = runs.get("bench_input")
-    if inp:
-        s = inp["settings"]
-        out.append(f"\nInput pipeline (`tools/bench_input.py`, {inp['time']}: two-view {s['image_size']} px training "
-                   f"images per second on one core, {s['images']} JPEGs of ~500x375):\n")
-        out.append(table(inp["rows"], [("pipeline", "pipeline"), ("images/s", "images_per_s"),
-                                       ("vs reference", "vs_reference")]))
-    kn = runs.get("bench_knn")
-    if kn:
-        s = kn["settings"]
-        out.append(f"\nk-NN retrieval (`tools/bench_knn.py`, {kn['time']}: {s['n']:,} x {s['dim']} index, "
-                   f"{s['queries']:,} queries, {s['classes']:,} classes, 20-NN majority vote):\n")
-        out.append(table(kn["rows"], [("search", "search"), ("search s", "search_s"), ("speed-up", "speedup"),
-                                      ("labels agree", "label_agreement"), ("top-1", "top1")]))
-    km = runs.get("bench_kmeans")
-    if km:
-        s = km["settings"]
-        out.append(f"\nk-means (`tools/bench_kmeans.py`, {km['time']}: {s['n']:,} x {s['d']} unit vectors around "
-                   f"{s['k']:,} centres -> {s['k']:,} clusters, {s['iters']} iterations; inertia = squared distances to "
-                   "each method's own cluster means):\n")
-        out.append(table(km["rows"], [("method", "method"), ("seconds", "seconds"), ("inertia", "inertia"),
-                                      ("time vs faiss", "time_vs_faiss"), ("inertia vs faiss", "inertia_vs_faiss"),
-                                      ("meets target", "meets_target")]))
+    for tool, heading, columns in SECTIONS:
+        record = runs.get(tool)
+        if record:
+            out.append("\n" + heading(record, record["settings"]) + "\n")
+            out.append(table(record["rows"], columns))
     return "\n".join(out) + "\n"
 
 
