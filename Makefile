@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# The interpreter of the input benchmark's torchvision side (one where torchvision imports; else PIL calls).
+BENCH_REFERENCE_PYTHON ?= $(PY)
 
 .PHONY: demo test test-fast data deps bench bench-deps reproduce bazel clean-venv
 
@@ -27,7 +29,7 @@ bench: deps bench-deps
 	$(PY) tools/bench_nn.py --json=bench/results.json
 	$(PY) tools/profile_step.py --method=msf --json=bench/results.json
 	$(PY) tools/profile_step.py --method=cmsf_2q --json=bench/results.json
-	$(PY) tools/bench_input.py --json=bench/results.json
+	$(PY) tools/bench_input.py --reference_python=$(BENCH_REFERENCE_PYTHON) --json=bench/results.json
 	$(PY) tools/bench_kmeans.py --json=bench/results.json
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000 --json=bench/results.json
 	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md

@@ -1,4 +1,5 @@
-"""Views: stateless (same seed, same pixels; eager = tf.data), shapes and ranges, weak has no colour change."""
+"""Views: stateless (same seed, same pixels; eager = tf.data), shapes and ranges, weak has no colour change;
+uint8 training views and the train step's conversion of them."""
 
 import numpy as np
 import tensorflow as tf
@@ -15,7 +16,9 @@ def seed(i):
 
 
 def unnormalize(x):
-    return np.asarray(x) * STD + MEAN
+    """[0, 1] pixels of a view: uint8 training views, or normalised float evaluation views."""
+    x = np.asarray(x)
+    return x / 255.0 if x.dtype == np.uint8 else x * STD + MEAN
 
 
 def test_views_are_pure_functions_of_the_seed():
@@ -38,9 +41,34 @@ def test_shapes_and_ranges_including_greyscale_input():
     for image in (IMAGE, grey):
         for view in (augment.weak_view, augment.strong_view):
             out = view(image, 24, seed(3))
-            assert out.shape == (24, 24, 3) and out.dtype == tf.float32
-            pixels = unnormalize(out)
-            assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+            assert out.shape == (24, 24, 3) and out.dtype == tf.uint8
+        # Greyscale input gives three equal channels.
+        out = augment.weak_view(grey, 24, seed(3)).numpy()
+        np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_uint8_views_are_the_float_crop_rounded():
+    """The weak view is the resized crop rounded to the nearest level (as PIL rounds), then flipped."""
+    for i in range(6):
+        s = tf.random.experimental.stateless_split(seed(i), 2)
+        levels = augment.random_resized_crop(IMAGE, 24, s[0]).numpy()
+        assert levels.min() >= 0 and levels.max() <= 255
+        want = np.floor(levels + 0.5).astype(np.uint8)
+        got = augment.weak_view(IMAGE, 24, seed(i)).numpy()
+        assert np.array_equal(got, want) or np.array_equal(got, want[:, ::-1])
+
+
+def test_model_input_is_imagenet_normalisation_of_uint8():
+    pixels = RNG.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    want = (pixels / 255.0 - MEAN) / STD
+    np.testing.assert_allclose(augment.to_model_input(pixels).numpy(), want, atol=2e-6)
+    batch = {"weak": tf.constant(pixels), "strong": tf.constant(pixels[::-1]), "label": tf.constant([3, 4]),
+             "third": tf.constant(want, tf.float32)}
+    out = augment.model_views(batch)
+    np.testing.assert_allclose(out["weak"].numpy(), want, atol=2e-6)
+    np.testing.assert_allclose(out["strong"].numpy(), want[::-1], atol=2e-6)
+    assert out["third"] is batch["third"]  # float views are taken as normalised
+    np.testing.assert_array_equal(out["label"].numpy(), [3, 4])  # other keys untouched
 
 
 def test_weak_view_keeps_colours_and_strong_view_changes_them():
@@ -48,7 +76,7 @@ def test_weak_view_keeps_colours_and_strong_view_changes_them():
     colour = flat[0, 0] / 255.0
     for i in range(5):
         weak = unnormalize(augment.weak_view(flat, 16, seed(i))).reshape(-1, 3)
-        np.testing.assert_allclose(weak, np.broadcast_to(colour, weak.shape), atol=2e-3)
+        np.testing.assert_allclose(weak, np.broadcast_to(colour, weak.shape), atol=2e-3)  # rounding: < 1/510
     changed = [not np.allclose(unnormalize(augment.strong_view(flat, 16, seed(i)))[0, 0], colour, atol=1e-2)
                for i in range(20)]
     assert 0.6 <= np.mean(changed) <= 1.0  # jitter p=0.8, greyscale p=0.2

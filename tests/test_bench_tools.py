@@ -62,12 +62,15 @@ def test_bench_kmeans_quick_and_report(tmp_path):
 
 def test_bench_input_and_knn_quick_and_report(tmp_path):
     results = tmp_path / "results.json"
-    run_tool(os.path.join(TOOLS, "bench_input.py"), "--images=64", "--seconds=0.5", f"--json={results}")
+    run_tool(os.path.join(TOOLS, "bench_input.py"), "--images=64", "--seconds=0.5", "--rounds=1", f"--json={results}")
     run_tool(os.path.join(TOOLS, "bench_knn.py"), "--n=20000", "--queries=50", "--classes=10", "--dim=16",
              f"--json={results}")
     records = {json.loads(line)["tool"]: json.loads(line) for line in results.read_text().splitlines()}
-    assert [r["images_per_s"] > 0 for r in records["bench_input"]["rows"]] == [True, True]
-    assert records["bench_input"]["rows"][0]["vs_reference"] > 0
+    input_rows = records["bench_input"]["rows"]
+    assert [r["output"] for r in input_rows] == ["uint8", "float32", "float32", "uint8"]
+    assert all(r["images_per_s"] > 0 for r in input_rows)
+    assert input_rows[0]["vs_reference"] > 0 and input_rows[0]["vs_reference_uint8"] > 0
+    assert records["bench_input"]["settings"]["step_normalise_ms_per_image"] > 0
     knn_rows = records["bench_knn"]["rows"]
     assert knn_rows[0]["search"] == "exact (brute force)" and knn_rows[1]["search"].endswith("(defaults)")
     assert 0 <= knn_rows[1]["label_agreement"] <= 1

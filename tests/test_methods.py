@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cmsf_tf.data import pipeline, sources
+from cmsf_tf.data import augment, pipeline, sources
 from cmsf_tf.methods import METHODS
 
 SIZE, BATCH = 16, 16
@@ -62,8 +62,8 @@ def test_no_gradient_reaches_the_target():
     model = tiny()
     batch = fixed_batch()
     with tf.GradientTape() as tape:
-        t = model.target_embedding(batch["weak"])
-        q = model.online_prediction(batch["strong"])
+        t = model.target_embedding(augment.to_model_input(batch["weak"]))
+        q = model.online_prediction(augment.to_model_input(batch["strong"]))
         loss = tf.reduce_sum(t * q)
     grads = tape.gradient(loss, model.target_backbone.trainable_variables)
     assert all(g is None for g in grads)
@@ -90,7 +90,7 @@ def test_bank_holds_the_targets_after_a_step():
     model = tiny()
     batch = fixed_batch()
     fit_steps(model, batch, 1)
-    t = model.target_embedding(batch["weak"])  # the target moved by EMA; compare ids and labels exactly
+    t = model.target_embedding(augment.to_model_input(batch["weak"]))  # the target moved by EMA; compare ids and labels exactly
     np.testing.assert_array_equal(model.bank.image_indices.numpy()[:BATCH], batch["index"].numpy())
     np.testing.assert_array_equal(model.bank.true_labels.numpy()[:BATCH], batch["true_label"].numpy())
     assert int(model.bank.pointer.numpy()) == BATCH
@@ -185,8 +185,8 @@ def test_cmsf_2q_third_view_variant_searches_a_bank_of_third_views():
     stream = iter(epoch_stream(16, 0, third_view=True))
     batches = [next(stream), next(stream)]
     for batch in batches:  # fill both banks (16 rows = 2 batches of 8)
-        third = model.target_embedding(batch["third"]).numpy()  # what the step computes, before its EMA
-        weak = model.target_embedding(batch["weak"]).numpy()
+        third = model.target_embedding(augment.to_model_input(batch["third"])).numpy()  # what the step computes, before its EMA
+        weak = model.target_embedding(augment.to_model_input(batch["weak"])).numpy()
         history = model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, steps_per_epoch=1, verbose=0).history
         start = (int(model.bank.pointer.numpy()) - 8) % 16  # the ring wraps after the second batch
         np.testing.assert_allclose(model.previous_bank.embeddings.numpy()[start:start + 8], third, atol=1e-5)
@@ -194,8 +194,8 @@ def test_cmsf_2q_third_view_variant_searches_a_bank_of_third_views():
         assert not np.allclose(third, weak, atol=1e-3)  # the two views differ, so the test tells them apart
     assert model.pool is None and np.isfinite(history["loss"][0])
     batch = dict(batches[0])
-    targets = model.target_embedding(batch["weak"])
-    batch["third_target"] = model.target_embedding(batch["third"])
+    targets = model.target_embedding(augment.to_model_input(batch["weak"]))
+    batch["third_target"] = model.target_embedding(augment.to_model_input(batch["third"]))
     bank, prev_bank = model.bank.embeddings.numpy(), model.previous_bank.embeddings.numpy()
     sims = targets.numpy() @ bank.T
     constrained, _ = model.neighbour_sets(batch, targets, tf.constant(sims))
@@ -210,7 +210,7 @@ def test_cmsf_km_constraint_follows_the_current_cluster_ids():
     n = 16
     model = tiny_pool_model("cmsf_km", n)
     batch = next(iter(epoch_stream(n, 0)))
-    targets = model.target_embedding(batch["weak"])
+    targets = model.target_embedding(augment.to_model_input(batch["weak"]))
     # No clusters yet: the constrained set is the unconstrained one (loss = MSF).
     sims = tf.random.normal([8, 16])
     first, second = model.neighbour_sets(batch, targets, sims)

@@ -85,7 +85,7 @@ def test_two_input_pipelines_are_disjoint_and_complete(kind, folder, records):
 def test_views_and_third_view_have_the_right_shape(folder):
     batch = next(iter(stream(sources.load_folder(folder), 2, third_view=True)))
     for key in ("weak", "strong", "third"):
-        assert batch[key].shape == (4, 16, 16, 3) and batch[key].dtype == tf.float32
+        assert batch[key].shape == (4, 16, 16, 3) and batch[key].dtype == tf.uint8  # converted in the train step
     assert not np.allclose(batch["weak"].numpy(), batch["third"].numpy())
 
 

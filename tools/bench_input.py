@@ -1,21 +1,31 @@
 """Input-pipeline benchmark: two-view training images per second per CPU core at 224 px, from JPEGs of
-ImageNet size (made by the tool), for our tf.data pipeline and for a PIL pipeline with the paper's
-transforms (torchvision's own when torch/torchvision are installed, else the same PIL operations
-torchvision calls). Both run on one core, in one process, in the same run.
+ImageNet size (made by the tool), for our tf.data pipeline and for the paper's transforms in
+torchvision (when the reference interpreter has torchvision; else the same PIL operations torchvision
+calls). Each side runs on one core; the sides take turns round by round (the reference in its own
+process, `--reference_python` may name another interpreter, e.g. a venv with torch + torchvision).
 
-    python tools/bench_input.py [--images=256 --seconds=20]
+Both sides are measured with the authors' output (float32 ImageNet-normalised CHW/HWC tensors:
+torchvision's ToTensor + Normalize) and with uint8 output (what cmsf_tf's pipeline emits: the train step
+converts and normalises the batch on the accelerator; torchvision's PILToTensor), so the like-for-like
+ratio is printed beside the headline one.
+
+    python tools/bench_input.py [--images=256 --seconds=10 --rounds=3 --reference_python=PY]
 """
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 
 def make_jpegs(directory, count, seed=0):
@@ -35,45 +45,80 @@ def make_jpegs(directory, count, seed=0):
     return paths
 
 
-def bench_tf(paths, seconds, batch=32):
+def tf_iterator(paths, batch=32, normalised=False):
+    """Our training stream on one core. `normalised`: also convert and normalise each batch in the
+    input pipeline (float32 out, the authors' output), instead of leaving it to the train step."""
     import tensorflow as tf
 
-    from cmsf_tf.data import pipeline, sources
+    from cmsf_tf.data import augment, pipeline, sources
 
     labels = np.zeros(len(paths), np.int32)
     src = sources.FileSource("bench", np.array(paths), labels, np.array(paths[:1]), labels[:1], 1, ("x",))
-    steps = len(paths) // batch
-    ds = pipeline.train_dataset(src, global_batch=batch, image_size=224, seed=0, steps_per_epoch=steps,
-                                start_epoch=0, end_epoch=1000)
+    ds = pipeline.train_dataset(src, global_batch=batch, image_size=224, seed=0, steps_per_epoch=len(paths) // batch,
+                                start_epoch=0, end_epoch=100_000)
+    if normalised:
+        ds = ds.map(augment.model_views)
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1  # one core
     options.threading.max_intra_op_parallelism = 1
     it = iter(ds.with_options(options))
     next(it)  # tracing and warm-up
+    return it
+
+
+def time_tf(it, seconds):
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        b = next(it)
-        done += int(b["weak"].shape[0])
+        done += int(next(it)["weak"].shape[0])
     return done / (time.perf_counter() - start)
 
 
-def pil_views():
-    """The paper's two views with PIL: torchvision's transforms if installed, else the same PIL calls."""
-    try:
-        from torchvision import transforms as T
+def step_normalise_ms(batch=32):
+    """ms per image of the train step's conversion of uint8 views to normalised float (one core)."""
+    import tensorflow as tf
 
-        normalize = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-        weak = T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), normalize])
-        strong = T.Compose([
-            T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5), normalize])
-        return "torchvision (PIL)", weak, strong
-    except ImportError:
-        pass
+    from cmsf_tf.data import augment
+
+    views = {k: tf.constant(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), np.uint8))
+             for k in ("weak", "strong")}
+    fn = tf.function(lambda v: augment.model_views(v))
+    fn(views)
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        out = fn(views)
+    float(out["weak"][0, 0, 0, 0])
+    return 1000.0 * (time.perf_counter() - start) / (n * batch)
+
+
+def reference_views(uint8_out):
+    """(name, weak, strong): the authors' two views (self_supervised/train_msf_2q.py, get_train_loader:
+    torchvision's RandomResizedCrop, ColorJitter, RandomGrayscale, their own GaussianBlur class calling
+    PIL's ImageFilter.GaussianBlur, RandomHorizontalFlip, ToTensor, Normalize) with torchvision if it
+    imports, else the same PIL calls."""
     import random
 
     from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+    def pil_blur(img):  # the authors' GaussianBlur: sigma uniform in [0.1, 2], PIL's filter
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+    try:
+        import torch
+        import torchvision
+        from torchvision import transforms as T
+
+        torch.set_num_threads(1)
+        if uint8_out:
+            finish = [T.PILToTensor()]
+        else:
+            finish = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+        weak = T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomHorizontalFlip()] + finish)
+        strong = T.Compose([
+            T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2), T.RandomApply([pil_blur], p=0.5), T.RandomHorizontalFlip()] + finish)
+        return f"torchvision {torchvision.__version__}", weak, strong
+    except Exception:  # noqa: BLE001 - not installed, or a build that does not load
+        pass
 
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -92,6 +137,8 @@ def pil_views():
         return img.transpose(Image.FLIP_LEFT_RIGHT) if random.random() < 0.5 else img
 
     def to_array(img):
+        if uint8_out:
+            return np.asarray(img, np.uint8).transpose(2, 0, 1).copy()
         return ((np.asarray(img, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
 
     def jitter(img):
@@ -113,51 +160,101 @@ def pil_views():
         if random.random() < 0.2:
             img = ImageOps.grayscale(img).convert("RGB")
         if random.random() < 0.5:
-            img = img.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0)))
+            img = pil_blur(img)
         return to_array(img)
 
-    return "PIL, torchvision's operations (torchvision not installed)", weak, strong
+    return "PIL with torchvision's operations", weak, strong
 
 
-def bench_pil(paths, seconds):
+def reference_round(directory, seconds, uint8_out):
+    """(name, images/s) of the reference pipeline for `seconds` (torchvision's default loader)."""
     from PIL import Image
 
-    name, weak, strong = pil_views()
+    paths = sorted(os.path.join(directory, f) for f in os.listdir(directory))
+    name, weak, strong = reference_views(uint8_out)
+    for path in paths[:4]:  # warm-up
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+        weak(img), strong(img)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        with Image.open(paths[done % len(paths)]) as f:  # torchvision's default loader
+        with Image.open(paths[done % len(paths)]) as f:
             img = f.convert("RGB")
         weak(img), strong(img)
         done += 1
     return name, done / (time.perf_counter() - start)
 
 
+def run_reference(python, directory, seconds, uint8_out):
+    out = subprocess.run([python, os.path.abspath(__file__), f"--_reference={directory}", f"--seconds={seconds}"]
+                         + (["--_uint8"] if uint8_out else []), capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per side and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reference_python", default=sys.executable,
+                        help="the interpreter of the reference pipeline (one with torchvision, if any)")
     parser.add_argument("--json", default="", help="append the JSON line to this file")
+    parser.add_argument("--_reference", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--_uint8", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._reference:
+        name, rate = reference_round(args._reference, args.seconds, args._uint8)
+        print(json.dumps({"name": name, "images_per_s": rate}))
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    rates = {"ours_uint8": [], "ours_float": [], "ref_float": [], "ref_uint8": []}
+    ref_name = None
     with tempfile.TemporaryDirectory() as d:
         paths = make_jpegs(d, args.images)
-        ours = bench_tf(paths, args.seconds)
-        name, theirs = bench_pil(paths, args.seconds)
-    print(f"two-view 224 px training images/s on one core, {args.images} JPEGs of ~500x375:")
-    print(f"  cmsf_tf tf.data (decode_and_crop_jpeg) {ours:8.1f}")
-    print(f"  {name:<38} {theirs:8.1f}")
-    print(f"  ratio {ours / theirs:.2f}x (target >= 1.5x)")
+        ours = {"ours_uint8": tf_iterator(paths), "ours_float": tf_iterator(paths, normalised=True)}
+        for _ in range(args.rounds):
+            for key, it in ours.items():
+                rates[key].append(time_tf(it, args.seconds))
+            for key, uint8_out in (("ref_float", False), ("ref_uint8", True)):
+                r = run_reference(args.reference_python, d, args.seconds, uint8_out)
+                ref_name = r["name"]
+                rates[key].append(r["images_per_s"])
+        normalise_ms = step_normalise_ms()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    rows = [
+        {"pipeline": "cmsf_tf, uint8 views (normalised in the train step)", "output": "uint8",
+         "images_per_s": round(med["ours_uint8"], 1), "min": round(min(rates["ours_uint8"]), 1),
+         "max": round(max(rates["ours_uint8"]), 1), "vs_reference": round(med["ours_uint8"] / med["ref_float"], 3),
+         "vs_reference_uint8": round(med["ours_uint8"] / med["ref_uint8"], 3)},
+        {"pipeline": "cmsf_tf, normalised float views in tf.data", "output": "float32",
+         "images_per_s": round(med["ours_float"], 1), "min": round(min(rates["ours_float"]), 1),
+         "max": round(max(rates["ours_float"]), 1), "vs_reference": round(med["ours_float"] / med["ref_float"], 3),
+         "vs_reference_uint8": None},
+        {"pipeline": f"{ref_name}, ToTensor + Normalize (the authors')", "output": "float32",
+         "images_per_s": round(med["ref_float"], 1), "min": round(min(rates["ref_float"]), 1),
+         "max": round(max(rates["ref_float"]), 1), "vs_reference": None, "vs_reference_uint8": None},
+        {"pipeline": f"{ref_name}, PILToTensor (uint8)", "output": "uint8",
+         "images_per_s": round(med["ref_uint8"], 1), "min": round(min(rates["ref_uint8"]), 1),
+         "max": round(max(rates["ref_uint8"]), 1), "vs_reference": None, "vs_reference_uint8": None},
+    ]
+    print(f"two-view 224 px training images/s on one core, {args.images} JPEGs of ~500x375, "
+          f"median of {args.rounds} alternating rounds of {args.seconds:g} s:")
+    for row in rows:
+        print(f"  {row['pipeline']:<58} {row['images_per_s']:8.1f}  ({row['min']:.1f}-{row['max']:.1f})")
+    print(f"  ratio to the authors' pipeline {rows[0]['vs_reference']:.2f}x (target >= 1.5x); uint8 to uint8 "
+          f"{rows[0]['vs_reference_uint8']:.2f}x; the train step's uint8 -> normalised float: "
+          f"{normalise_ms:.3f} ms per two-view image on one core")
     import benchlib
 
-    benchlib.emit_json("bench_input", [
-        {"pipeline": "cmsf_tf tf.data (decode_and_crop_jpeg)", "images_per_s": round(ours, 1),
-         "vs_reference": round(ours / theirs, 3)},
-        {"pipeline": name, "images_per_s": round(theirs, 1)}], args.json,
-        settings={"images": args.images, "seconds": args.seconds, "cores": 1, "image_size": 224})
+    benchlib.emit_json("bench_input", rows, args.json,
+                       settings={"images": args.images, "seconds": args.seconds, "rounds": args.rounds, "cores": 1,
+                                 "image_size": 224, "reference": ref_name,
+                                 "step_normalise_ms_per_image": round(normalise_ms, 3)})
 
 
 if __name__ == "__main__":

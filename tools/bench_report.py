@@ -57,8 +57,12 @@ SECTIONS = (
       ("authors' formulation ms", "authors_ms"), ("ratio", "ratio")]),
     ("bench_input",
      lambda r, s: (f"Input pipeline (`tools/bench_input.py`, {r['time']}: two-view {s['image_size']} px training "
-                   f"images per second on one core, {s['images']} JPEGs of ~500x375):"),
-     [("pipeline", "pipeline"), ("images/s", "images_per_s"), ("vs reference", "vs_reference")]),
+                   f"images per second on one core, {s['images']} JPEGs of ~500x375, median of "
+                   f"{s.get('rounds', 1)} alternating rounds; the train step's conversion of uint8 views to "
+                   f"normalised float costs {s.get('step_normalise_ms_per_image', 0):.2f} ms per two-view image "
+                   "on one core of this CPU, nothing on an accelerator):"),
+     [("pipeline", "pipeline"), ("output", "output"), ("images/s", "images_per_s"), ("min", "min"), ("max", "max"),
+      ("vs the authors'", "vs_reference"), ("vs torchvision uint8", "vs_reference_uint8")]),
     ("bench_knn",
      lambda r, s: (f"k-NN retrieval (`tools/bench_knn.py`, {r['time']}: {s['n']:,} x {s['dim']} index, "
                    f"{s['queries']:,} queries, {s['classes']:,} classes, 20-NN majority vote):"),

@@ -43,10 +43,11 @@ NETS = {
 
 
 def fixed_batch(net, seed=0):
-    """NumPy arrays of one batch as the pipeline yields it (normalised float images, labels, indices)."""
+    """NumPy arrays of one batch as the pipeline yields it (uint8 views, which the step converts and
+    normalises; labels, indices)."""
     rng = np.random.default_rng(seed)
     b, s = net["batch"], net["image_size"]
-    images = lambda: rng.normal(size=(b, s, s, 3)).astype(np.float32)  # noqa: E731
+    images = lambda: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)  # noqa: E731
     labels = rng.integers(0, net["num_classes"], b).astype(np.int32)
     return {"weak": images(), "strong": images(), "third": images(), "label": labels, "true_label": labels.copy(),
             "index": rng.choice(net["num_images"], b, replace=False).astype(np.int64),
@@ -103,7 +104,10 @@ def torch_step(method, net, threads):
     torch.manual_seed(0)
     step = torch_reference.make_step(method, net["arch"], net["width"], net["bank_size"], net["num_images"],
                                      net["num_classes"], topk=5, num_clusters=net["num_clusters"])
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2)) if v.ndim == 4 else v)
+    # The authors' loader hands the step normalised float32 NCHW images (ToTensor + Normalize on the CPU).
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    batch = {k: torch.from_numpy(np.ascontiguousarray(((v / np.float32(255) - mean) / std).astype(np.float32)
+                                                      .transpose(0, 3, 1, 2)) if v.ndim == 4 else v)
              for k, v in fixed_batch(net).items()}
     batch["label"], batch["index"] = batch["label"].long(), batch["index"].long()
 

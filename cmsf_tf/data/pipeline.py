@@ -62,7 +62,7 @@ def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, st
                   skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5, third_view=False,
                   input_context=None, shuffle_buffer=10_000, strong_view=True):
     """Batches of {weak, strong[, third], label, true_label, is_labelled, index} (no strong with
-    `strong_view=False`) from `start_epoch`
+    `strong_view=False`; the views uint8, for augment.model_views in the train step) from `start_epoch`
     (after `skip_steps` of it) to `end_epoch`, each epoch freshly shuffled.
 
     `labels`: a LabelPlan, or int32 [N] training labels (noisy or partial, -1 for unlabelled);
@@ -245,8 +245,8 @@ def labelled_dataset(source, labels, image_size, batch_size, seed, epoch, crop_m
 
     ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True).filter(lambda image, label, index: label >= 0)
 
-    def view(image, label, index):
-        return augment.weak_view(image, image_size, example_seed(seed, epoch, index),
-                                 crop_scale=(crop_min_scale, 1.0)), label
+    def view(image, label, index):  # float views: these heads train on the input cores' output as is
+        return augment.to_model_input(augment.weak_view(image, image_size, example_seed(seed, epoch, index),
+                                                        crop_scale=(crop_min_scale, 1.0))), label
 
     return ds.map(view, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size).prefetch(AUTOTUNE)

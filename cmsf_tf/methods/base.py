@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from cmsf_tf import distribute, ops
+from cmsf_tf.data import augment
 from cmsf_tf.memory import MemoryBank
 from cmsf_tf.models import backbones, heads
 
@@ -240,6 +241,7 @@ class MeanShift(TrainingPlumbing, keras.Model):
 
     # ----- the step -----
     def train_step(self, batch):
+        batch = augment.model_views(batch)  # uint8 views -> normalised float, here on the accelerator
         targets = self.target_embedding(batch["weak"])
         extra = self.step_embeddings(batch, targets)
         batch = dict(batch, query_label=self.query_labels(batch, targets), **extra)

@@ -10,6 +10,7 @@ with --label_split) do not contribute to the loss.
 import keras
 import tensorflow as tf
 
+from cmsf_tf.data import augment
 from cmsf_tf.methods.base import TrainingPlumbing
 from cmsf_tf.models import backbones
 
@@ -61,6 +62,7 @@ class CrossEntropy(TrainingPlumbing, keras.Model):
         return tf.cast(self.classifier(self.online_backbone(images, training=training)), tf.float32)
 
     def train_step(self, batch):
+        batch = augment.model_views(batch)  # uint8 views -> normalised float, here on the accelerator
         labels = tf.cast(batch["label"], tf.int32)
         labelled = tf.cast(labels >= 0, tf.float32)
         safe = tf.maximum(labels, 0)
