@@ -42,6 +42,11 @@ def test_bench_step_quick_and_report(tmp_path):
     run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
     text = readme.read_text()
     assert "old" not in text and "| tiny | cmsf_km | cmsf_tf |" in text and text.endswith("rest\n")
+    # Every method's process alive at once, taking turns: the same rows.
+    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=byol,cmsf_2q",
+             "--alternate_methods", f"--json={results}")
+    rows = {r["method"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
+    assert set(rows) == {"byol", "cmsf_2q"} and rows["cmsf_2q"]["vs_byol"] > 0
 
 
 def test_bench_kmeans_quick_and_report(tmp_path):

@@ -9,7 +9,8 @@ writes it (tools/torch_reference.py) when torch is installed, timed alternately 
 
 Each (method, framework) runs in its own process (so each has its own peak RSS and nothing one
 framework leaves behind slows the other); the processes of one method take turns: round r runs
---steps steps of cmsf_tf, then of PyTorch, and so on. Reported: median ms/step over the rounds (min-max),
+--steps steps of cmsf_tf, then of PyTorch, and so on (--alternate_methods: every chosen method's processes
+take turns, for ratios to BYOL that a slow phase of a shared machine cannot skew). Reported: median ms/step over the rounds (min-max),
 images/s, the ratio to BYOL's step of the same framework, the ratio to PyTorch, the peak RSS.
 cmsf_tf's step is Keras' train function, the one model.fit calls every step.
 """
@@ -138,36 +139,39 @@ def worker(conn, framework, method, net, threads):
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def measure(method, net, frameworks, rounds, steps, threads):
+def measure(cases, net, rounds, steps, threads):
+    """{(framework, method): {ms, min_ms, max_ms, rss_mb} or {error}}: one process per case, all alive at
+    once, taking turns round by round (one process works at a time)."""
     ctx = multiprocessing.get_context("spawn")
     procs = {}
-    for fw in frameworks:
+    for fw, method in cases:
         parent, child = ctx.Pipe()
         p = ctx.Process(target=worker, args=(child, fw, method, net, threads), daemon=True)
         p.start()
-        procs[fw] = (p, parent)
+        procs[(fw, method)] = (p, parent)
     results = {}
     try:
         ready = {}
-        for fw, (p, conn) in procs.items():
+        for case, (p, conn) in procs.items():
             kind, value = conn.recv()
             if kind == "error":
-                results[fw] = {"error": value}
+                results[case] = {"error": value}
             else:
-                ready[fw] = conn
-        times = {fw: [] for fw in ready}
+                ready[case] = conn
+        times = {case: [] for case in ready}
         for _ in range(rounds):
-            for fw, conn in ready.items():  # one process works at a time
+            for case, conn in ready.items():
                 conn.send(("run", steps))
                 kind, value = conn.recv()
                 if kind == "error":
-                    raise RuntimeError(f"{fw} {method}: {value}")
-                times[fw].append(value)
-        for fw, conn in ready.items():
+                    raise RuntimeError(f"{case[0]} {case[1]}: {value}")
+                times[case].append(value)
+        for case, conn in ready.items():
             conn.send(("rss",))
             rss = conn.recv()[1]
-            fastest, slowest = benchlib.spread_ms(times[fw])
-            results[fw] = {"ms": benchlib.median_ms(times[fw]), "min_ms": fastest, "max_ms": slowest, "rss_mb": rss}
+            fastest, slowest = benchlib.spread_ms(times[case])
+            results[case] = {"ms": benchlib.median_ms(times[case]), "min_ms": fastest, "max_ms": slowest,
+                             "rss_mb": rss}
     finally:
         for p, conn in procs.values():
             try:
@@ -189,6 +193,9 @@ def parse(argv=None):
     parser.add_argument("--intra_op", type=int, default=0, help="TF intra-op threads (0: TensorFlow's default)")
     parser.add_argument("--inter_op", type=int, default=0, help="TF inter-op threads (0: TensorFlow's default)")
     parser.add_argument("--jit_compile", action="store_true", help="compile cmsf_tf's step with XLA")
+    parser.add_argument("--alternate_methods", action="store_true",
+                        help="keep every method's process alive and let all take turns round by round (for the "
+                             "ratios to BYOL; needs the memory of all at once), instead of one method after another")
     benchlib.add_common_args(parser, quick_help="the tiny network, one round of one step")
     args = parser.parse_args(argv)
     if args.quick:
@@ -211,10 +218,14 @@ def main(argv=None):
         print(f"{'method':12s} {'framework':9s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
               f"{'vs torch':>9s} {'RSS MB':>7s}")
         byol = {}
-        for method in args.methods.split(","):
-            res = measure(method, net, frameworks, args.rounds, steps, threads)
+        methods = args.methods.split(",")
+        if args.alternate_methods:
+            res = measure([(fw, m) for m in methods for fw in frameworks], net, args.rounds, steps, threads)
+        for method in methods:
+            if not args.alternate_methods:
+                res = measure([(fw, method) for fw in frameworks], net, args.rounds, steps, threads)
             for fw in frameworks:
-                r = res.get(fw, {"error": "no result"})
+                r = res.get((fw, method), {"error": "no result"})
                 row = {"net": net_name, "method": method, "framework": fw, **{k: (round(v, 2) if isinstance(v, float)
                                                                                    else v) for k, v in r.items()}}
                 if "ms" in r:
@@ -223,8 +234,8 @@ def main(argv=None):
                         byol[fw] = r["ms"]
                     if fw in byol:
                         row["vs_byol"] = round(r["ms"] / byol[fw], 3)
-                    if fw == "cmsf_tf" and "ms" in res.get("pytorch", {}):
-                        row["vs_torch"] = round(r["ms"] / res["pytorch"]["ms"], 3)
+                    if fw == "cmsf_tf" and "ms" in res.get(("pytorch", method), {}):
+                        row["vs_torch"] = round(r["ms"] / res[("pytorch", method)]["ms"], 3)
                     print(f"{method:12s} {fw:9s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
                           f"{row['images_per_s']:7.1f} {row.get('vs_byol', float('nan')):8.3f} "
                           f"{row.get('vs_torch', float('nan')):9.3f} {r['rss_mb']:7.0f}")
