@@ -26,6 +26,8 @@ test-fast: deps data
 bench: deps bench-deps
 	mkdir -p bench
 	$(PY) tools/bench_step.py --json=bench/results.json
+	$(PY) tools/bench_step.py --nets=resnet50 --methods=byol,cmsf_2q,cmsf_km --alternate_methods --no_torch --rounds=10 --steps=2 --json=bench/results_r50_alternating.json
+	$(PY) tools/bench_step.py --nets=resnet50 --methods=byol,cmsf_sup,cmsf_pseudo --alternate_methods --no_torch --rounds=10 --steps=2 --json=bench/results_r50_alternating.json
 	$(PY) tools/bench_nn.py --json=bench/results.json
 	$(PY) tools/profile_step.py --method=msf --json=bench/results.json
 	$(PY) tools/profile_step.py --method=cmsf_2q --json=bench/results.json
