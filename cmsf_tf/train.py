@@ -132,6 +132,8 @@ def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, ste
     from cmsf_tf.data import pipeline
     from cmsf_tf.methods import METHODS
 
+    # TPUs take no uint8 input: their views travel as bfloat16 pixel levels (exact, half of float32's bytes).
+    view_dtype = tf.bfloat16 if isinstance(strategy, tf.distribute.TPUStrategy) else tf.uint8
     while step < total_steps and not saver.stopped_early:
         if cfg.stop_after_steps and step >= cfg.stop_after_steps:
             break
@@ -143,7 +145,8 @@ def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, ste
                 source, global_batch=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
                 steps_per_epoch=steps_per_epoch, start_epoch=epoch, end_epoch=end_epoch, skip_steps=done,
                 labels=labels, crop_min_scale=cfg.crop_min_scale, blur_prob=cfg.blur_prob,
-                input_context=context, shuffle_buffer=cfg.shuffle_buffer, **METHODS[cfg.method].views(cfg)))
+                input_context=context, shuffle_buffer=cfg.shuffle_buffer, view_dtype=view_dtype,
+                **METHODS[cfg.method].views(cfg)))
         try:
             model.fit(data, epochs=end_epoch, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - done,
                       callbacks=callbacks, shuffle=False, verbose="auto" if sys.stdout.isatty() else 2)

@@ -68,6 +68,10 @@ def test_model_input_is_imagenet_normalisation_of_uint8():
     np.testing.assert_allclose(out["weak"].numpy(), want, atol=2e-6)
     np.testing.assert_allclose(out["strong"].numpy(), want[::-1], atol=2e-6)
     assert out["third"] is batch["third"]  # float views are taken as normalised
+    # bfloat16 pixel levels (for TPUs, which take no uint8) are exact and convert identically.
+    levels = tf.cast(tf.constant(pixels), tf.bfloat16)
+    np.testing.assert_array_equal(tf.cast(levels, tf.uint8).numpy(), pixels)
+    np.testing.assert_array_equal(augment.model_views({"weak": levels})["weak"].numpy(), out["weak"].numpy())
     np.testing.assert_array_equal(out["label"].numpy(), [3, 4])  # other keys untouched
 
 

@@ -87,6 +87,11 @@ def test_views_and_third_view_have_the_right_shape(folder):
     for key in ("weak", "strong", "third"):
         assert batch[key].shape == (4, 16, 16, 3) and batch[key].dtype == tf.uint8  # converted in the train step
     assert not np.allclose(batch["weak"].numpy(), batch["third"].numpy())
+    # For TPUs (no uint8 input) the same pixel levels travel as bfloat16, exactly.
+    tpu = next(iter(stream(sources.load_folder(folder), 2, third_view=True, view_dtype=tf.bfloat16)))
+    for key in ("weak", "strong", "third"):
+        assert tpu[key].dtype == tf.bfloat16
+        np.testing.assert_array_equal(tf.cast(tpu[key], tf.uint8).numpy(), batch[key].numpy())
 
 
 def test_views_are_the_augment_functions_of_the_example_seed():

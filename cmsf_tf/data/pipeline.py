@@ -60,9 +60,10 @@ def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, thi
 
 def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, start_epoch, end_epoch,
                   skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5, third_view=False,
-                  input_context=None, shuffle_buffer=10_000, strong_view=True):
+                  input_context=None, shuffle_buffer=10_000, strong_view=True, view_dtype=tf.uint8):
     """Batches of {weak, strong[, third], label, true_label, is_labelled, index} (no strong with
-    `strong_view=False`; the views uint8, for augment.model_views in the train step) from `start_epoch`
+    `strong_view=False`; the views pixel levels in `view_dtype`, uint8 or bfloat16 for devices without
+    uint8 input such as TPUs, for augment.model_views in the train step) from `start_epoch`
     (after `skip_steps` of it) to `end_epoch`, each epoch freshly shuffled.
 
     `labels`: a LabelPlan, or int32 [N] training labels (noisy or partial, -1 for unlabelled);
@@ -94,7 +95,7 @@ def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, st
     def example(epoch, index, payload):
         image, true_label, name = read(index, payload, true_labels)
         label = label_fn(index, true_label, name)
-        out = _views(image, seed, epoch, index, **view_args)
+        out = {key: tf.cast(view, view_dtype) for key, view in _views(image, seed, epoch, index, **view_args).items()}
         out.update(label=label, true_label=tf.cast(true_label, tf.int32), is_labelled=label >= 0, index=index)
         return out
 
