@@ -27,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+import benchlib  # noqa: E402
+
 
 def make_jpegs(directory, count, seed=0):
     """JPEGs of ImageNet's typical size (about 500 x 375, quality 90) with photo-like smooth content."""
@@ -81,13 +83,9 @@ def step_normalise_ms(batch=32):
 
     views = {k: tf.constant(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), np.uint8))
              for k in ("weak", "strong")}
-    fn = tf.function(lambda v: augment.model_views(v))
-    fn(views)
-    start, n = time.perf_counter(), 20
-    for _ in range(n):
-        out = fn(views)
-    float(out["weak"][0, 0, 0, 0])
-    return 1000.0 * (time.perf_counter() - start) / (n * batch)
+    fn = tf.function(augment.model_views)
+    times = benchlib.alternate({"normalise": lambda: float(fn(views)["weak"][0, 0, 0, 0])}, rounds=1, repeats=20)
+    return benchlib.median_ms(times["normalise"]) / batch
 
 
 def reference_views(uint8_out):
@@ -226,22 +224,17 @@ def main():
                 rates[key].append(r["images_per_s"])
         normalise_ms = step_normalise_ms()
     med = {k: statistics.median(v) for k, v in rates.items()}
-    rows = [
-        {"pipeline": "cmsf_tf, uint8 views (normalised in the train step)", "output": "uint8",
-         "images_per_s": round(med["ours_uint8"], 1), "min": round(min(rates["ours_uint8"]), 1),
-         "max": round(max(rates["ours_uint8"]), 1), "vs_reference": round(med["ours_uint8"] / med["ref_float"], 3),
-         "vs_reference_uint8": round(med["ours_uint8"] / med["ref_uint8"], 3)},
-        {"pipeline": "cmsf_tf, normalised float views in tf.data", "output": "float32",
-         "images_per_s": round(med["ours_float"], 1), "min": round(min(rates["ours_float"]), 1),
-         "max": round(max(rates["ours_float"]), 1), "vs_reference": round(med["ours_float"] / med["ref_float"], 3),
-         "vs_reference_uint8": None},
-        {"pipeline": f"{ref_name}, ToTensor + Normalize (the authors')", "output": "float32",
-         "images_per_s": round(med["ref_float"], 1), "min": round(min(rates["ref_float"]), 1),
-         "max": round(max(rates["ref_float"]), 1), "vs_reference": None, "vs_reference_uint8": None},
-        {"pipeline": f"{ref_name}, PILToTensor (uint8)", "output": "uint8",
-         "images_per_s": round(med["ref_uint8"], 1), "min": round(min(rates["ref_uint8"]), 1),
-         "max": round(max(rates["ref_uint8"]), 1), "vs_reference": None, "vs_reference_uint8": None},
-    ]
+
+    def row(key, pipeline, output, vs_reference=None, vs_reference_uint8=None):
+        return {"pipeline": pipeline, "output": output, "images_per_s": round(med[key], 1),
+                "min": round(min(rates[key]), 1), "max": round(max(rates[key]), 1),
+                "vs_reference": round(med[key] / med["ref_float"], 3) if vs_reference else None,
+                "vs_reference_uint8": round(med[key] / med["ref_uint8"], 3) if vs_reference_uint8 else None}
+
+    rows = [row("ours_uint8", "cmsf_tf, uint8 views (normalised in the train step)", "uint8", True, True),
+            row("ours_float", "cmsf_tf, normalised float views in tf.data", "float32", True),
+            row("ref_float", f"{ref_name}, ToTensor + Normalize (the authors')", "float32"),
+            row("ref_uint8", f"{ref_name}, PILToTensor (uint8)", "uint8")]
     print(f"two-view 224 px training images/s on one core, {args.images} JPEGs of ~500x375, "
           f"median of {args.rounds} alternating rounds of {args.seconds:g} s:")
     for row in rows:
@@ -249,8 +242,6 @@ def main():
     print(f"  ratio to the authors' pipeline {rows[0]['vs_reference']:.2f}x (target >= 1.5x); uint8 to uint8 "
           f"{rows[0]['vs_reference_uint8']:.2f}x; the train step's uint8 -> normalised float: "
           f"{normalise_ms:.3f} ms per two-view image on one core")
-    import benchlib
-
     benchlib.emit_json("bench_input", rows, args.json,
                        settings={"images": args.images, "seconds": args.seconds, "rounds": args.rounds, "cores": 1,
                                  "image_size": 224, "reference": ref_name,
