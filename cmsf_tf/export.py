@@ -69,10 +69,10 @@ class IndexData:
 def index_data(encoder, knn_cfg, log=print):
     """IndexData of the training split (or its labelled part) for evaluate knn's settings in `knn_cfg`."""
     import numpy as np
-    import tensorflow as tf
 
-    from cmsf_tf import evaluate, ops
+    from cmsf_tf import evaluate
     from cmsf_tf.data import pipeline
+    from cmsf_tf.eval import knn
 
     dataset, data_dir, class_list, label_split, seed = evaluate.data_settings(knn_cfg, encoder.info)
     source = evaluate.load_source(dataset, data_dir, class_list)
@@ -82,15 +82,12 @@ def index_data(encoder, knn_cfg, log=print):
             raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
         _, keep, subset, _ = evaluate.labelled_subset(source, dataset, label_split, seed)
     log(f"extracting the index: {subset} training images of {dataset} ...")
-    feats, labels, names = [], [], []
-    for images, batch_labels, batch_names in pipeline.eval_split(source, "train", encoder.image_size,
-                                                                 knn_cfg.eval_batch_size, keep, with_names=True):
-        feats.append(ops.l2_normalize(tf.cast(encoder.features(images), tf.float32)).numpy())
-        labels.append(batch_labels.numpy())
-        names.extend(n.decode("utf-8", "replace") for n in batch_names.numpy())
-    if not feats:
+    names = []
+    feats, labels = knn.features_and_labels(
+        encoder.features, pipeline.eval_split(source, "train", encoder.image_size, knn_cfg.eval_batch_size, keep,
+                                              with_names=True), names=names)
+    if not len(feats):
         raise config.UsageError(f"the index would be empty: no {subset} training images in {dataset}")
-    feats, labels = np.concatenate(feats), np.concatenate(labels).astype(np.int32)
     k = max(knn_cfg.knn_k)
     if k > len(feats):
         raise config.UsageError(f"--knn_k {k} is larger than the index ({len(feats)} images)")
@@ -132,7 +129,6 @@ def first_argmax(scores):
 def write_saved_model(encoder, export_dir, index=None):
     """Writes `encoder` (eval.encoder.Encoder restored from a checkpoint) as a SavedModel and a .keras
     file into `export_dir`; `index` (IndexData) adds the served k-NN classifier."""
-    import keras
     import tensorflow as tf
 
     from cmsf_tf.data import augment

@@ -64,6 +64,17 @@ TINY = ["--method=msf", "--dataset=fashion_mnist", "--arch=resnet18_small", "--w
         "--learning_rate=0.05", "--log_steps=1"]
 
 
+@pytest.fixture(scope="session")
+def tiny_msf_run(tmp_path_factory, fmnist_slice):
+    """A tiny MSF run (2 epochs of 4 steps) with a 25% label split: its checkpoints and flags.json. Shared by
+    the evaluation and export tests; each test that writes into it (eval/) writes before it reads."""
+    d = tmp_path_factory.mktemp("tiny_msf") / "run"
+    out = run_cli("cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}", f"--model_dir={d}", "--epochs=2",
+                  "--steps_per_epoch=4", "--label_split=percent:25", "--noknn_eval")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d
+
+
 def read_events(logdir):
     """TensorBoard's EventAccumulator over `logdir`, loaded: TF2 summaries are under Tags()["tensors"]."""
     from tensorboard.backend.event_processing import event_accumulator

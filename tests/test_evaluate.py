@@ -16,13 +16,8 @@ from tests.test_train_cli import assert_one_sentence_error
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fmnist_slice):
-    """A tiny MSF run (8 steps) with a 25% label split, its checkpoint and flags.json."""
-    d = tmp_path_factory.mktemp("eval") / "run"
-    out = run_cli("cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}", f"--model_dir={d}", "--epochs=2",
-                  "--steps_per_epoch=4", "--label_split=percent:25", "--noknn_eval")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return d
+def run_dir(tiny_msf_run):
+    return tiny_msf_run
 
 
 def evaluate(*args, timeout=600):

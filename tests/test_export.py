@@ -10,17 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import run_cli
 from tests.test_train_cli import assert_one_sentence_error
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fmnist_slice):
-    d = tmp_path_factory.mktemp("export") / "run"
-    out = run_cli("cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}", f"--model_dir={d}", "--epochs=2",
-                  "--steps_per_epoch=4", "--label_split=percent:25", "--noknn_eval")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return d
+def run_dir(tiny_msf_run):
+    return tiny_msf_run
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,16 @@ from cmsf_tf import ops
 from cmsf_tf.eval.linear import top_k_accuracy
 
 
-def features_and_labels(features, batches, progress=None, dim=None):
+def features_and_labels(features, batches, progress=None, dim=None, names=None):
     """(float32 [N, D] unit-length features, int32 [N] labels) of (images, labels) batches
     (pipeline.eval_split), in one pass over the data. `features`: images -> [B, D] (raw backbone
-    output); `progress(n)` is told the number of images done after each batch."""
+    output); `progress(n)` is told the number of images done after each batch. With `names` (a list),
+    the batches are (images, labels, names) and the decoded names are appended to it."""
     feats, labels, done = [], [], 0
-    for images, batch_labels in batches:
+    for batch in batches:
+        images, batch_labels = batch[0], batch[1]
+        if names is not None:
+            names.extend(n.decode("utf-8", "replace") for n in batch[2].numpy())
         feats.append(ops.l2_normalize(tf.cast(features(images), tf.float32)).numpy())
         labels.append(np.asarray(batch_labels))
         done += len(labels[-1])
