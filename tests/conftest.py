@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # End-to-end tests start Python processes (the CLIs, the tools, multi-process distribution): every test of
 # these modules, and elsewhere each test whose body starts one. `make test-fast` deselects them.
-E2E_MODULES = ("test_train_cli", "test_evaluate", "test_bench_tools", "test_reproduce_small")
+E2E_MODULES = ("test_train_cli", "test_evaluate", "test_bench_tools", "test_reproduce_small", "test_tools",
+               "test_constraint_purity")
 
 
 def pytest_configure(config):
