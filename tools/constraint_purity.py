@@ -12,7 +12,9 @@ the bank before the search (so each query finds itself: purity counts it, as the
 2Q: each row's previous view is the parallel row of the second bank M'; KM: each row's cluster is that of
 its image, from the checkpoint's cluster ids (the run's setting) or from re-clustering the checkpoint's
 per-image pool of latest targets with the run's k-means settings (the sweep). The neighbour selection is
-the library's own (`ops.two_queue_neighbours`, `ops.label_neighbours` with the run's fill rule).
+the library's own: the two steps of `ops.two_queue_neighbours` (`nearest_neighbours`, then
+`nearest_among_from_sims`, called apart to keep the candidates) and `ops.label_neighbours` with the run's
+fill rule.
 """
 
 import argparse
@@ -51,21 +53,21 @@ def load_state(model_dir):
     """(flags, step, {name: array}) of a run's newest checkpoint: the bank, second bank, pool, cluster ids."""
     import tensorflow as tf
 
-    flags_path = os.path.join(model_dir, "flags.json")
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if not os.path.isfile(flags_path) or path is None:
-        raise SystemExit(f"error: {model_dir} is not a training run with a checkpoint (flags.json and checkpoints/)")
+    from cmsf_tf.eval import encoder
+
+    try:
+        flags, path = encoder.run_flags(model_dir), encoder.latest_checkpoint(model_dir)
+    except encoder.EncoderError as e:
+        raise SystemExit(f"error: {e}") from None
     reader = tf.train.load_checkpoint(path)
     names = reader.get_variable_to_shape_map()
     state = {}
     for key in ("bank/embeddings", "bank/true_labels", "bank/image_indices", "previous_bank/embeddings",
-                "pool/embeddings", "pool/writes", "cluster_ids", "train_steps"):
+                "pool/embeddings", "pool/writes", "cluster_ids"):
         name = f"model/{key}/.ATTRIBUTES/VARIABLE_VALUE"
         if name in names:
             state[key] = reader.get_tensor(name)
-    with open(flags_path) as f:
-        flags = json.load(f)
-    return flags, int(state.get("train_steps", -1)), state
+    return flags, encoder.checkpoint_step(path), state
 
 
 def analyse(flags, state, k_primes=(), clusters=(), seed=0):
@@ -104,13 +106,13 @@ def analyse(flags, state, k_primes=(), clusters=(), seed=0):
             raise SystemExit("error: the checkpoint's bank holds images not clustered yet (the run stopped "
                              "before its first epoch-end k-means)")
         chosen = cluster_rows(sims, row_clusters, k, fill)
-        same = np.bincount(row_clusters, minlength=int(ids.max()) + 1)[row_clusters]
+        same = np.bincount(row_clusters)[row_clusters]  # bank rows sharing each row's cluster
         return {"clusters": num_clusters, "purity": purity(chosen, labels), "run_setting": run_setting,
                 "bank_rows_per_cluster": float(same.mean()), "short_sets": float(np.mean(same < k))}
 
     report["rows"].append(row(int(flags["num_clusters"]), state["cluster_ids"].astype(np.int64), True))
-    pool = state["pool/embeddings"][state["pool/writes"] > 0]
     seen = np.flatnonzero(state["pool/writes"] > 0)
+    pool = state["pool/embeddings"][seen]
     for num_clusters in clusters:
         _, assignments, _ = clustering.spherical_kmeans(
             tf.constant(pool), num_clusters, iters=int(flags.get("kmeans_iters", 20)), seed=seed,
