@@ -103,3 +103,4 @@ def test_a_run_without_a_constraint_is_refused_in_one_sentence(tmp_path):
     assert_one_sentence_error(out, "has no constraint to replay")
     out, _ = replay(tmp_path / "missing")
     assert_one_sentence_error(out, "is not a training run")
+    assert "--saved_model" not in out.stderr  # the tool has no such flag

@@ -249,7 +249,8 @@ def test_export_serves_in_a_fresh_process_and_evaluates_like_the_checkpoint(run_
 def test_bad_input_fails_with_one_sentence(run_dir, tmp_path, fmnist_slice):
     assert_one_sentence_error(evaluate("knn", f"--model_dir={tmp_path / 'nowhere'}"), "does not exist")
     (tmp_path / "empty").mkdir()
-    assert_one_sentence_error(evaluate("knn", f"--model_dir={tmp_path / 'empty'}"), "no flags.json")
+    assert_one_sentence_error(evaluate("knn", f"--model_dir={tmp_path / 'empty'}"),
+                              r"no flags.json\); pass the --model_dir a training wrote, or an export with --saved_model")
     assert_one_sentence_error(evaluate("cluster", f"--model_dir={run_dir}"), "unknown protocol 'cluster'; choose one of: knn, linear, semi, finetune, transfer")
     assert_one_sentence_error(evaluate("knn", f"--model_dir={run_dir}", "--image_size=32"),
                               "takes 28 px images, --image_size says 32")

@@ -175,6 +175,11 @@ def test_served_index_of_the_labelled_subset_and_bad_index_flags(run_dir, tmp_pa
                                       "--index=test"), "unknown --index 'test'; choose one of: train")
     assert_one_sentence_error(run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={tmp_path / 'y'}",
                                       "--index=train", "--knn_k=600"), "--knn_k 600 is larger than the index")
+    # export reads training runs only: no hint at --saved_model, which it does not take
+    (tmp_path / "empty").mkdir()
+    out = run_cli("cmsf_tf.export", f"--model_dir={tmp_path / 'empty'}", f"--export_dir={tmp_path / 'z'}")
+    assert_one_sentence_error(out, r"no flags.json\); pass the --model_dir a training wrote")
+    assert "--saved_model" not in out.stderr
 
 
 def test_vote_and_tie_rule_match_evaluate_knn():

@@ -37,8 +37,8 @@ def run_flags(model_dir):
     """The flags.json of a training run."""
     path = os.path.join(model_dir, "flags.json")
     if not os.path.isfile(path):
-        raise EncoderError(f"{model_dir} is not a training run (no flags.json); pass a run's --model_dir "
-                           "or --saved_model")
+        raise EncoderError(f"{model_dir} is not a training run (no flags.json); pass the --model_dir a "
+                           "training wrote")
     with open(path) as f:
         return json.load(f)
 
