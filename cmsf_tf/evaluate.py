@@ -133,7 +133,7 @@ def labelled_source(source, dataset, what):
 
 def run_knn(cfg, enc, features, log):
     from cmsf_tf.data import sources
-    from cmsf_tf.eval import knn
+    from cmsf_tf.eval import knn, spectrum
 
     dataset, data_dir, class_list, label_split, seed = data_settings(cfg, enc.info)
     source = load_source(dataset, data_dir, class_list)
@@ -162,7 +162,8 @@ def run_knn(cfg, enc, features, log):
     headline = {"top1": report[f"knn_top1_k{k}"]}
     if f"knn_top5_k{k}" in report:
         headline["top5"] = report[f"knn_top5_k{k}"]
-    return {**headline, **report, "dataset": dataset, "index_size": len(index), "queries": len(queries),
+    return {**headline, **report, "rankme": round(spectrum.rankme(index), 2), "feature_dim": enc.feature_dim,
+            "dataset": dataset, "index_size": len(index), "queries": len(queries),
             "settings": {"k": list(cfg.knn_k), "vote": cfg.knn_vote, "temperature": cfg.knn_temperature,
                          "search": cfg.knn_search, "index_split": subset}}
 
@@ -476,6 +477,8 @@ def summary_lines(result):
                      f"last epoch: top-1 {100 * result['top1_last']:.2f}%")
     for key in sorted(k for k in result if k.startswith("knn_top")):
         lines.append(f"  {key}: {100 * result[key]:.2f}%")
+    if "rankme" in result:
+        lines.append(f"  RankMe of the index's features: {result['rankme']:.1f} of {result['feature_dim']} dimensions")
     for name, r in result.get("datasets", {}).items():
         lines.append(f"  {name:<20} {100 * r['top1']:6.2f}%   (l2 {r['l2']:g})")
     return lines

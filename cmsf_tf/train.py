@@ -339,14 +339,17 @@ def raw_pixel_knn(source):
     """Cosine k-NN on the raw pixels: the floor a learned representation has to beat."""
     import numpy as np
 
-    from cmsf_tf.eval import knn
+    from cmsf_tf.eval import knn, spectrum
 
     def flat(images):
         x = images.reshape(len(images), -1).astype(np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    return knn.knn_accuracy(flat(source.train_images), source.train_labels, flat(source.test_images),
-                            source.test_labels, ks=(1, 20), num_classes=source.num_classes)
+    index = flat(source.train_images)
+    result = knn.knn_accuracy(index, source.train_labels, flat(source.test_images), source.test_labels,
+                              ks=(1, 20), num_classes=source.num_classes)
+    result["rankme"] = round(spectrum.rankme(index), 2)
+    return result
 
 
 def summary_lines(result):
@@ -354,8 +357,9 @@ def summary_lines(result):
     rows = [(f"trained ({result['method']}, {result['epochs']} epochs)", result)]
     rows += [(name.replace("_", " "), r) for name, r in result.get("baselines", {}).items()]
     lines = [f"  {name:<30} {100 * r['knn_top1_k20']:5.1f}%  {100 * r['knn_top1_k1']:5.1f}%"
+             + (f"  {r['rankme']:7.1f}" if "rankme" in r else "")
              for name, r in rows if "knn_top1_k20" in r]
-    return ["k-NN top-1 on the test split     20-NN    1-NN"] + lines if lines else []
+    return ["k-NN top-1 on the test split     20-NN    1-NN   RankMe"] + lines if lines else []
 
 
 def main(argv):

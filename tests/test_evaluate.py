@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cmsf_tf.eval import spectrum
 from tests.conftest import TINY, read_events, run_cli
 from tests.test_train_cli import assert_one_sentence_error
 
@@ -61,6 +62,10 @@ def test_knn_equals_numpy_on_the_checkpoint_features_and_writes_its_files(run_di
     events = acc.Tensors("eval/knn/knn_top1_k20")
     assert events[-1].step == 8
     assert float(tf.make_ndarray(events[-1].tensor_proto)) == pytest.approx(result["knn_top1_k20"])
+    # RankMe of the index's (unit-length) features, in the JSON, the printout and TensorBoard
+    assert result["rankme"] == pytest.approx(spectrum.rankme(train_x), abs=0.01) and result["feature_dim"] == 32
+    assert f"RankMe of the index's features: {result['rankme']:.1f} of 32 dimensions" in out.stdout + out.stderr
+    assert float(tf.make_ndarray(acc.Tensors("eval/knn/rankme")[-1].tensor_proto)) == pytest.approx(result["rankme"])
 
     # Cached features: another k and the weighted vote re-use them, nothing is extracted again.
     out = evaluate("knn", f"--model_dir={run_dir}", "--knn_k=1,5", "--knn_vote=weighted")

@@ -435,6 +435,12 @@ def test_knn_every_writes_a_curve_that_a_resumed_run_continues(tmp_path, fmnist_
     acc = read_events(str(model_dir / "tensorboard"))
     assert sorted({e.step for e in acc.Tensors("eval/knn_top1_k20")}) == [4, 6]  # step 4 twice: measured again
     assert float(tf.make_ndarray(acc.Tensors("eval/knn_top1_k1")[-1].tensor_proto)) == pytest.approx(result["knn_top1_k1"])
+    # RankMe of the index's features (the final k-NN's whole training split here: the same number) and of
+    # the bank's embeddings, beside the accuracy (width 4: 32-d features; --proj_dim=16)
+    assert last["rankme"] == result["rankme"] and 1 <= result["rankme"] <= 32
+    assert 1 <= last["bank_rankme"] <= 16
+    assert float(tf.make_ndarray(acc.Tensors("eval/rankme")[-1].tensor_proto)) == pytest.approx(result["rankme"])
+    assert float(tf.make_ndarray(acc.Tensors("eval/bank_rankme")[-1].tensor_proto)) == pytest.approx(last["bank_rankme"])
     # Subsets: every 2nd of the 256 test and 512 training images (evenly spaced, the same every time).
     sub = tmp_path / "sub"
     out = train(f"--data_dir={fmnist_slice}", f"--model_dir={sub}", "--epochs=1", "--steps_per_epoch=1",

@@ -1,4 +1,5 @@
-"""Learning curves during training: per-epoch k-NN accuracy and the constrained neighbours' ranks.
+"""Learning curves during training: per-epoch k-NN accuracy with the features' RankMe, and the
+constrained neighbours' ranks.
 
 Both keep a JSON-lines record in --model_dir next to their TensorBoard summaries, so a study can plot
 them without reading event files, and a resumed run appends to the curve it had.
@@ -52,9 +53,11 @@ def evenly_spaced(count, wanted):
 class KnnMonitor(keras.callbacks.Callback):
     """Every `every` epochs and after the last one: 1-NN and 20-NN top-1 (majority vote, as the final
     evaluation) of the online backbone in inference mode, the queries a fixed, evenly spaced subset of
-    the test split and the index the training split (or an evenly spaced subset). Written to TensorBoard
-    as eval/knn_top1_k1 and eval/knn_top1_k20 at the global step, to `curve_path` (JSON lines) and to
-    the epoch logs. Run it on the chief only, after the checkpoint saver (a kill during the
+    the test split and the index the training split (or an evenly spaced subset); with them the RankMe
+    of the index's features and of the memory bank's embeddings (eval.spectrum: a collapsing
+    representation shows there first). Written to TensorBoard as eval/knn_top1_k1, eval/knn_top1_k20,
+    eval/rankme and eval/bank_rankme at the global step, to `curve_path` (JSON lines) and to the epoch
+    logs. Run it on the chief only, after the checkpoint saver (a kill during the
     evaluation loses no training); a resumed run measures its last epoch if the curve lacks it."""
 
     def __init__(self, every, source, image_size, batch_size, steps_per_epoch, total_epochs, queries=2000, index=0,
@@ -73,7 +76,8 @@ class KnnMonitor(keras.callbacks.Callback):
 
     def measure(self):
         """{knn_top1_k1, knn_top1_k20, queries, index, seconds} of the current online backbone."""
-        from cmsf_tf.eval import knn
+        from cmsf_tf import ops
+        from cmsf_tf.eval import knn, spectrum
 
         started = time.time()
         if self._features is None:
@@ -83,6 +87,9 @@ class KnnMonitor(keras.callbacks.Callback):
             self._features, self.source, self.image_size, self.batch_size,
             index_keep=evenly_spaced(self.source.num_train, self.index),
             query_keep=evenly_spaced(self.source.num_test, self.queries))
+        bank = getattr(self.model, "bank", None)
+        if bank is not None:  # the loss's own embedding space: what the mean shift pulls together
+            result["bank_rankme"] = round(spectrum.rankme(ops.l2_normalize(tf.convert_to_tensor(bank.embeddings))), 2)
         result.update(queries=queries, index=index, seconds=round(time.time() - started, 1))
         return result
 
@@ -91,7 +98,7 @@ class KnnMonitor(keras.callbacks.Callback):
         result = self.measure()
         if self.writer is not None:
             with self.writer.as_default(step=step):
-                for key in ("knn_top1_k1", "knn_top1_k20"):
+                for key in ("knn_top1_k1", "knn_top1_k20", "rankme", "bank_rankme"):
                     if key in result:
                         tf.summary.scalar(f"eval/{key}", result[key])
             self.writer.flush()
@@ -101,7 +108,9 @@ class KnnMonitor(keras.callbacks.Callback):
             logs.update({key: value for key, value in result.items() if key.startswith("knn_top1")})
         accuracies = "  ".join(f"{k.rsplit('_k', 1)[1]}-NN {100 * v:.1f}%" for k, v in result.items()
                                if k.startswith("knn_top1"))
-        self.log(f"epoch {epochs_done}: k-NN top-1 {accuracies} ({result['queries']:,} test images, "
+        ranks = "".join(f", {name} {result[key]:.1f}" for key, name in
+                        (("rankme", "RankMe"), ("bank_rankme", "bank RankMe")) if key in result)
+        self.log(f"epoch {epochs_done}: k-NN top-1 {accuracies}{ranks} ({result['queries']:,} test images, "
                  f"{result['index']:,} in the index, {result['seconds']:.0f} s)")
 
     def on_train_begin(self, logs=None):

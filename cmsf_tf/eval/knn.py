@@ -30,19 +30,22 @@ def features_and_labels(features, batches, progress=None, dim=None, names=None):
 
 
 def split_knn(features, source, image_size, batch_size, index_keep=None, query_keep=None):
-    """(k-NN top-1 {knn_top1_k1, knn_top1_k20}, index size, query count) of a source's test split (the
-    `query_keep` part of it) against its training split (the `index_keep` part), majority vote, exact
-    search: the k-NN of a training run's result and of its per-epoch curve. `features`: images -> [B, D];
-    the keep-functions as pipeline.eval_split takes them."""
+    """({knn_top1_k1, knn_top1_k20, rankme}, index size, query count): k-NN top-1 of a source's test
+    split (the `query_keep` part of it) against its training split (the `index_keep` part), majority
+    vote, exact search, and the RankMe of the index's unit-length features (eval.spectrum: how many
+    directions the representation uses): the k-NN of a training run's result and of its per-epoch
+    curve. `features`: images -> [B, D]; the keep-functions as pipeline.eval_split takes them."""
     from cmsf_tf.data import pipeline
+    from cmsf_tf.eval import spectrum
 
     index, index_labels = features_and_labels(
         features, pipeline.eval_split(source, "train", image_size, batch_size, keep=index_keep))
     queries, query_labels = features_and_labels(
         features, pipeline.eval_split(source, "test", image_size, batch_size, keep=query_keep))
     ks = tuple(k for k in (1, 20) if k <= len(index))  # a tiny training set has no 20-NN
-    return (knn_accuracy(index, index_labels, queries, query_labels, ks=ks, num_classes=source.num_classes),
-            len(index), len(queries))
+    result = knn_accuracy(index, index_labels, queries, query_labels, ks=ks, num_classes=source.num_classes)
+    result["rankme"] = round(spectrum.rankme(index), 2)
+    return result, len(index), len(queries)
 
 
 def approx_settings(n, k):
