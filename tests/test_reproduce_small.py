@@ -35,6 +35,10 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
         assert record["commands"]["train"].startswith("python -m cmsf_tf.train --flagfile=flags/fmnist_")
         # The per-epoch k-NN curve ends at the final k-NN when the subsets are whole.
         assert [point[0] for point in record["knn_curve"]] == [1, 2]
+        # RankMe after the last epoch, and per epoch of the features and (methods with a bank) the bank
+        assert 1 <= record["rankme"] <= 32 and record["rankme_curve"][-1][1] == record["rankme"]
+        assert [p[0] for p in record["rankme_curve"]] == [1, 2]
+        assert (record["rankme_curve"][-1][2] is None) == row.startswith("xent")
         assert ("semi10_top1" in record) == (row in reproduce_small.SEMI_ROWS)
         assert ("semi10_lr01_top1" in record) == (row in reproduce_small.SEMI_LR_ROWS)
         assert ("rank_histograms" in record) == (row in ("cmsf_2q", "cmsf_km", "cmsf_pseudo"))
@@ -44,6 +48,8 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
     summary = (out / "summary.md").read_text()
     for row in reproduce_small.ROWS:
         assert f"| {row} |" in summary
+    msf = json.loads((out / "msf_s0.json").read_text())
+    assert f"| {msf['rankme']:.1f} |" in summary.split("## Diagnostics")[1]  # the diagnostics' RankMe column
     for _, _, _, claim in reproduce_small.ORDERINGS:
         assert claim in summary
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -189,6 +189,9 @@ def collect(row, seed, model_dir, commands):
     record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")] for r in curve]
     if curve:
         record["knn_curve_sizes"] = {"queries": curve[-1]["queries"], "index": curve[-1]["index"]}
+    if "rankme" in result:  # the features' effective rank (eval.spectrum), final and per epoch
+        record["rankme"] = result["rankme"]
+        record["rankme_curve"] = [[r["epoch"], r.get("rankme"), r.get("bank_rankme")] for r in curve if "rankme" in r]
     record["epoch_logs"] = epoch_logs(os.path.join(model_dir, "tensorboard"))
     ranks = monitor.read_jsonl(os.path.join(model_dir, monitor.RANK_HISTOGRAMS))
     if ranks:
@@ -335,6 +338,12 @@ def write_readme_block(readme, records, floor, planned):
         f.write(head + "\n".join(block) + rest.split(end, 1)[1])
 
 
+def final_mean(recs, key, digits=1):
+    """The mean of a final value over a row's records that have it, "–" when none has."""
+    values = [r[key] for r in recs if r.get(key) is not None]
+    return f"{statistics.fmean(values):.{digits}f}" if values else "–"
+
+
 def write_summary(records, floor, out, machine):
     rows = by_row(records)
     lines = ["# Fashion-MNIST study: every method, several seeds, one evaluation", "",
@@ -349,9 +358,12 @@ def write_summary(records, floor, out, machine):
     lines += ["", "## Diagnostics at the last epoch (mean over seeds)", "",
               "purity: the share of the loss's neighbours (the constrained set where there is one) with the "
               "query's true label; unconstrained: the plain top-k's; rank: mean 0-based rank of the "
-              "constrained neighbours in the unconstrained order ((k - 1) / 2 when they are the plain top-k: 2 for k = 5).", "",
+              "constrained neighbours in the unconstrained order ((k - 1) / 2 when they are the plain top-k: 2 for k = 5); "
+              "RankMe: the effective rank of the trained backbone's unit-length features of the training images "
+              "after the last epoch (`cmsf_tf.eval.spectrum`; 128 dimensions at width 16"
+              + (f"; raw pixels: {floor['rankme']:.0f} of 784" if floor and "rankme" in floor else "") + ").", "",
               "| row | loss | purity | purity unconstrained | constrained rank | pseudo-label precision | "
-              "confident fraction |", "|---|---|---|---|---|---|---|"]
+              "confident fraction | RankMe |", "|---|---|---|---|---|---|---|---|"]
     for row, recs in rows.items():
         def mean_of(tag, scale=1.0, digits=3):
             values = [last_epoch_value(r, tag) for r in recs]
@@ -359,7 +371,7 @@ def write_summary(records, floor, out, machine):
             return f"{scale * statistics.fmean(values):.{digits}f}" if values else "–"
         lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
                      f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
-                     f"{mean_of('confident_fraction')} |")
+                     f"{mean_of('confident_fraction')} | {final_mean(recs, 'rankme')} |")
     lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines))
