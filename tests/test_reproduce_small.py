@@ -78,3 +78,17 @@ def test_ordering_verdicts_against_the_seed_spread():
     text, _ = reproduce_small.ordering_verdict("b", "a", "m", rows)
     assert text.startswith("does not hold")
     assert reproduce_small.ordering_verdict("a", "missing", "m", rows)[0] == "not measured yet"
+
+
+def test_rankme_column_only_when_the_runs_logged_it(tmp_path):
+    # A committed record of the study (trained before RankMe was logged), as it is and with a RankMe.
+    with open(os.path.join(ROOT, "results", "fmnist", "msf_s0.json")) as f:
+        record = json.load(f)
+    record.pop("rankme", None)
+    reproduce_small.write_summary([record], {"rankme": 375.2}, str(tmp_path), "test")
+    assert "RankMe" not in (tmp_path / "summary.md").read_text()
+    reproduce_small.write_summary([dict(record, rankme=40.04), dict(record, seed=1, rankme=41.0)],
+                                  {"rankme": 375.2}, str(tmp_path), "test")
+    diagnostics = (tmp_path / "summary.md").read_text().split("## Diagnostics")[1]
+    assert "confident fraction | RankMe |" in diagnostics and "raw pixels: 375 of 784" in diagnostics
+    assert diagnostics.splitlines()[6].startswith("| msf |") and diagnostics.splitlines()[6].endswith("| 40.5 |")

@@ -355,15 +355,19 @@ def write_summary(records, floor, out, machine):
     lines += ["", "## The paper's orderings", "",
               "A gap counts as resolved when it exceeds the larger of the two rows' seed standard deviations "
               "(and clearly so beyond twice it).", "", *ordering_lines(rows)]
+    # RankMe only where the runs logged it (runs trained before it existed have none: no empty column)
+    with_rank = any(r.get("rankme") is not None for r in records)
     lines += ["", "## Diagnostics at the last epoch (mean over seeds)", "",
               "purity: the share of the loss's neighbours (the constrained set where there is one) with the "
               "query's true label; unconstrained: the plain top-k's; rank: mean 0-based rank of the "
-              "constrained neighbours in the unconstrained order ((k - 1) / 2 when they are the plain top-k: 2 for k = 5); "
-              "RankMe: the effective rank of the trained backbone's unit-length features of the training images "
-              "after the last epoch (`cmsf_tf.eval.spectrum`; 128 dimensions at width 16"
-              + (f"; raw pixels: {floor['rankme']:.0f} of 784" if floor and "rankme" in floor else "") + ").", "",
+              "constrained neighbours in the unconstrained order ((k - 1) / 2 when they are the plain top-k: 2 for k = 5)"
+              + ("; RankMe: the effective rank of the trained backbone's unit-length features of the training images "
+                 "after the last epoch (`cmsf_tf.eval.spectrum`; 128 dimensions at width 16"
+                 + (f"; raw pixels: {floor['rankme']:.0f} of 784" if floor and "rankme" in floor else "") + ")"
+                 if with_rank else "") + ".", "",
               "| row | loss | purity | purity unconstrained | constrained rank | pseudo-label precision | "
-              "confident fraction | RankMe |", "|---|---|---|---|---|---|---|---|"]
+              "confident fraction |" + (" RankMe |" if with_rank else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if with_rank else "")]
     for row, recs in rows.items():
         def mean_of(tag, scale=1.0, digits=3):
             values = [last_epoch_value(r, tag) for r in recs]
@@ -371,7 +375,7 @@ def write_summary(records, floor, out, machine):
             return f"{scale * statistics.fmean(values):.{digits}f}" if values else "–"
         lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
                      f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
-                     f"{mean_of('confident_fraction')} | {final_mean(recs, 'rankme')} |")
+                     f"{mean_of('confident_fraction')} |" + (f" {final_mean(recs, 'rankme')} |" if with_rank else ""))
     lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines))
