@@ -416,12 +416,11 @@ def load_encoder(cfg):
         raise config.UsageError(f"--model_dir {cfg.model_dir} does not exist")
     if cfg.saved_model:
         enc = encoders.from_saved_model(cfg.saved_model)
-    elif not os.path.isfile(os.path.join(cfg.model_dir, "flags.json")):
-        # Only here is an export the other way in (export and the tools read runs alone).
-        raise config.UsageError(f"{cfg.model_dir} is not a training run (no flags.json); pass the --model_dir a "
-                                "training wrote, or an export with --saved_model")
     else:
-        enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
+        try:
+            enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
+        except encoders.NotARunError as e:  # only here is an export the other way in
+            raise config.UsageError(f"{e}, or an export with --saved_model") from None
     if cfg.image_size is not None and cfg.image_size != enc.image_size:
         raise config.UsageError(f"the network takes {enc.image_size} px images, --image_size says {cfg.image_size}")
     return enc

@@ -75,7 +75,8 @@ class KnnMonitor(keras.callbacks.Callback):
         return epochs_done > 0 and (epochs_done % self.every == 0 or epochs_done == self.total_epochs)
 
     def measure(self):
-        """{knn_top1_k1, knn_top1_k20, queries, index, seconds} of the current online backbone."""
+        """{knn_top1_k1, knn_top1_k20, rankme, bank_rankme (with a bank), queries, index, seconds} of the
+        current online backbone."""
         from cmsf_tf import ops
         from cmsf_tf.eval import knn, spectrum
 

@@ -24,6 +24,10 @@ class EncoderError(Exception):
     """A checkpoint or SavedModel that cannot be evaluated, said in one sentence."""
 
 
+class NotARunError(EncoderError):
+    """A --model_dir without the flags.json of a training run (callers that also take an export add so)."""
+
+
 @dataclasses.dataclass
 class Encoder:
     features: object  # callable: float32 [B, S, S, 3] normalised images -> float32 [B, F]
@@ -37,7 +41,7 @@ def run_flags(model_dir):
     """The flags.json of a training run."""
     path = os.path.join(model_dir, "flags.json")
     if not os.path.isfile(path):
-        raise EncoderError(f"{model_dir} is not a training run (no flags.json); pass the --model_dir a "
+        raise NotARunError(f"{model_dir} is not a training run (no flags.json); pass the --model_dir a "
                            "training wrote")
     with open(path) as f:
         return json.load(f)
