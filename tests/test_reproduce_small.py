@@ -3,6 +3,7 @@ and is evaluated; the per-run JSONs, summary.md and the plot are written; a seco
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
     for row in reproduce_small.ROWS:
         assert f"| {row} |" in summary
     msf = json.loads((out / "msf_s0.json").read_text())
-    assert f"| {msf['rankme']:.1f} |" in summary.split("## Diagnostics")[1]  # the diagnostics' RankMe column
+    assert f"| {msf['rankme']:.1f} (1) |" in summary.split("## Diagnostics")[1]  # the diagnostics' RankMe column
     for _, _, _, claim in reproduce_small.ORDERINGS:
         assert claim in summary
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,4 +92,24 @@ def test_rankme_column_only_when_the_runs_logged_it(tmp_path):
                                   {"rankme": 375.2}, str(tmp_path), "test")
     diagnostics = (tmp_path / "summary.md").read_text().split("## Diagnostics")[1]
     assert "confident fraction | RankMe |" in diagnostics and "raw pixels: 375 of 784" in diagnostics
-    assert diagnostics.splitlines()[6].startswith("| msf |") and diagnostics.splitlines()[6].endswith("| 40.5 |")
+    assert diagnostics.splitlines()[6].startswith("| msf |")
+    assert diagnostics.splitlines()[6].endswith(f"| 40.5 ± {statistics.stdev([40.04, 41.0]):.1f} (2) |")
+
+
+def test_rankme_of_older_runs_from_their_evaluate_knn_files(tmp_path):
+    # Two committed records trained before RankMe was logged; one has an `evaluate knn` file beside it.
+    for name in ("msf_s0", "msf_s1"):
+        with open(os.path.join(ROOT, "results", "fmnist", f"{name}.json")) as f:
+            record = json.load(f)
+        record.pop("rankme", None)
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    (tmp_path / "floors.json").write_text(json.dumps({"knn_top1_k20": 0.841}))
+    (tmp_path / "rankme").mkdir()
+    (tmp_path / "rankme" / "msf_s0.json").write_text(json.dumps({"protocol": "knn", "rankme": 41.61}))
+    records = reproduce_small.load_records(str(tmp_path))
+    assert [(r["seed"], r.get("rankme")) for r in records] == [(0, 41.61), (1, None)]
+    assert "rankme" not in json.loads((tmp_path / "msf_s0.json").read_text())  # the record file stays as made
+    reproduce_small.write_summary(records, None, str(tmp_path), "test")
+    diagnostics = (tmp_path / "summary.md").read_text().split("## Diagnostics")[1]
+    assert "`rankme/<run>.json`" in diagnostics
+    assert [l for l in diagnostics.splitlines() if l.startswith("| msf |")][0].endswith("| 41.6 (1) |")

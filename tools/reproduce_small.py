@@ -338,10 +338,32 @@ def write_readme_block(readme, records, floor, planned):
         f.write(head + "\n".join(block) + rest.split(end, 1)[1])
 
 
-def final_mean(recs, key, digits=1):
-    """The mean of a final value over a row's records that have it, "–" when none has."""
-    values = [r[key] for r in recs if r.get(key) is not None]
-    return f"{statistics.fmean(values):.{digits}f}" if values else "–"
+def final_cell(recs, key, digits=1):
+    """A final value over a row's records that have it: mean ± standard deviation (number of seeds),
+    "–" when none has."""
+    mean, spread = mean_spread([r.get(key) for r in recs])
+    if mean is None:
+        return "–"
+    n = len([r for r in recs if r.get(key) is not None])
+    return f"{mean:.{digits}f} ± {spread:.{digits}f} ({n})" if n > 1 else f"{mean:.{digits}f} (1)"
+
+
+def load_records(out):
+    """The finished runs' records in `out`. A run trained before RankMe was logged takes its RankMe from
+    `out`/rankme/<run>.json when there is one (`cmsf_tf.evaluate knn` on its last checkpoint: the same
+    features, index and subsample as the training's final measurement); the record files stay as made."""
+    records = []
+    for name in sorted(os.listdir(out)):
+        if not name.endswith(".json") or name == "floors.json":
+            continue
+        with open(os.path.join(out, name)) as f:
+            record = json.load(f)
+        measured = os.path.join(out, "rankme", name)
+        if record.get("rankme") is None and os.path.isfile(measured):
+            with open(measured) as f:
+                record["rankme"] = json.load(f).get("rankme")
+        records.append(record)
+    return records
 
 
 def write_summary(records, floor, out, machine):
@@ -362,7 +384,9 @@ def write_summary(records, floor, out, machine):
               "query's true label; unconstrained: the plain top-k's; rank: mean 0-based rank of the "
               "constrained neighbours in the unconstrained order ((k - 1) / 2 when they are the plain top-k: 2 for k = 5)"
               + ("; RankMe: the effective rank of the trained backbone's unit-length features of the training images "
-                 "after the last epoch (`cmsf_tf.eval.spectrum`; 128 dimensions at width 16"
+                 "after the last epoch (`cmsf_tf.eval.spectrum`; 128 dimensions at width 16; mean ± standard "
+                 "deviation (seeds); runs trained before it was logged: `evaluate knn` on their last checkpoint, "
+                 "`rankme/<run>.json`"
                  + (f"; raw pixels: {floor['rankme']:.0f} of 784" if floor and "rankme" in floor else "") + ")"
                  if with_rank else "") + ".", "",
               "| row | loss | purity | purity unconstrained | constrained rank | pseudo-label precision | "
@@ -375,7 +399,7 @@ def write_summary(records, floor, out, machine):
             return f"{scale * statistics.fmean(values):.{digits}f}" if values else "–"
         lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
                      f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
-                     f"{mean_of('confident_fraction')} |" + (f" {final_mean(recs, 'rankme')} |" if with_rank else ""))
+                     f"{mean_of('confident_fraction')} |" + (f" {final_cell(recs, 'rankme')} |" if with_rank else ""))
     lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines))
@@ -514,11 +538,7 @@ def main():
             done += 1
             print(f"  {name}: 20-NN {100 * record['knn_top1_k20']:.1f}%, linear {100 * record.get('linear_top1', 0):.1f}% "
                   f"({(time.time() - started) / 60:.1f} min)", flush=True)
-    records = []
-    for name in sorted(os.listdir(args.out)):
-        if name.endswith(".json") and name != "floors.json":
-            with open(os.path.join(args.out, name)) as f:
-                records.append(json.load(f))
+    records = load_records(args.out)
     floor = floors(args.data_dir, args.out) if not args.quick else None
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import benchlib
