@@ -1,11 +1,14 @@
 """tools/reproduce_small.py --quick on a slice of the real Fashion-MNIST: every row trains a few steps
 and is evaluated; the per-run JSONs, summary.md and the plot are written; a second call trains nothing."""
 
+import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "reproduce_small.py")
@@ -113,3 +116,43 @@ def test_rankme_of_older_runs_from_their_evaluate_knn_files(tmp_path):
     diagnostics = (tmp_path / "summary.md").read_text().split("## Diagnostics")[1]
     assert "`rankme/<run>.json`" in diagnostics
     assert [l for l in diagnostics.splitlines() if l.startswith("| msf |")][0].endswith("| 41.6 (1) |")
+
+
+def test_train_flag_follows_flag_files_and_overrides():
+    with open(os.path.join(ROOT, "results", "fmnist", "cmsf_pseudo_s0.json")) as f:
+        pseudo = json.load(f)["commands"]["train"]
+    assert reproduce_small.train_flag(pseudo, "topk") == "10"  # fmnist_pseudo.cfg over fmnist_base.cfg's 5
+    two_q = "python -m cmsf_tf.train --flagfile=flags/fmnist_cmsf_2q.cfg --seed=1"
+    assert reproduce_small.train_flag(two_q, "topk") == "5"  # from the included fmnist_base.cfg
+    assert reproduce_small.train_flag(two_q + " --topk=7", "topk") == "7"  # the command line comes last
+    assert reproduce_small.train_flag(two_q, "no_such_flag") is None
+
+
+def test_rank_table_of_the_constrained_neighbours(tmp_path):
+    from cmsf_tf.methods import base
+
+    assert reproduce_small.RANK_BINS == inspect.signature(base.RankHistogram.__init__).parameters["bins"].default
+    counts = [3, 1, 0, 0, 0, 2, 0, 4]  # ranks 0..7, k = 5: 4 of 10 within, median rank 5
+    assert reproduce_small.rank_summary(counts, 5) == (0.4, 5, 0.0)
+    full = np.zeros(reproduce_small.RANK_BINS)
+    full[[0, -1]] = [1, 3]  # a full-length histogram: the last bin is the tail
+    assert reproduce_small.rank_summary(full, 5) == (0.25, reproduce_small.RANK_BINS - 1, 0.75)
+    records = []
+    for seed in range(3):
+        with open(os.path.join(ROOT, "results", "fmnist", f"cmsf_2q_s{seed}.json")) as f:
+            records.append(json.load(f))
+    with open(os.path.join(ROOT, "results", "fmnist", "msf_s0.json")) as f:
+        msf = json.load(f)  # no constraint: no histograms
+    reproduce_small.write_summary(records + [msf], None, str(tmp_path), "test")
+    table = (tmp_path / "summary.md").read_text().split("## Where the constrained neighbours come from")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| cmsf_2q |")]
+    assert [row.split(" | ")[1] for row in rows] == ["2", "11", "20"]  # second, middle and last epochs
+    for row, epoch in zip(rows, ("2", "11", "20")):
+        shares, medians = [], []
+        for r in records:  # the NumPy reference of each seed's share within the top-5 and median rank
+            c = np.asarray(r["rank_histograms"][epoch], float) / np.sum(r["rank_histograms"][epoch])
+            shares.append(c[:5].sum())
+            medians.append(int(np.argmax(np.cumsum(c) >= 0.5)))
+        assert row.split(" | ")[2] == f"{100 * np.mean(shares):.1f} ± {100 * np.std(shares, ddof=1):.1f} (3)"
+        assert row.split(" | ")[3].startswith(f"{statistics.median(medians):,.0f} ({min(medians):,}–{max(medians):,})")
+    assert "| msf |" not in table.split("![")[0]  # rows without histograms have no lines

@@ -55,6 +55,8 @@ ROWS = {
 SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo")
 SEMI_LR_ROWS = ("msf", "cmsf_pseudo")
 LABEL_SPLIT = "percent:10"
+# The bins of the training's rank histogram (methods.base.RankHistogram): the last holds every rank from 1,023.
+RANK_BINS = 1024
 # --quick: the tiny network and a few steps, for a smoke test of the whole tool.
 QUICK_TRAIN = ["--width=4", "--batch_size=32", "--bank_size=128", "--topk=3", "--topk_prime=4", "--proj_hidden=32",
                "--proj_dim=16", "--epochs=2", "--steps_per_epoch=3", "--num_clusters=8", "--kmeans_iters=2",
@@ -366,6 +368,64 @@ def load_records(out):
     return records
 
 
+def train_flag(command, name):
+    """The value of --`name` in a recorded train command, flag files expanded in place (absl's rule: the
+    last occurrence wins); None when neither the command nor its flag files set it."""
+    def scan(args):
+        value = None
+        for arg in args:
+            if arg.startswith("--flagfile="):
+                with open(os.path.join(ROOT, arg.split("=", 1)[1])) as f:
+                    inner = scan([line.strip() for line in f if line.strip().startswith("--")])
+                value = inner if inner is not None else value
+            elif arg.startswith(f"--{name}="):
+                value = arg.split("=", 1)[1]
+        return value
+
+    return scan(command.split()[3:])  # after "python -m cmsf_tf.train"
+
+
+def rank_summary(counts, k):
+    """(share within the plain top-k, median 0-based rank, share in the last bin: rank >= len - 1) of one
+    epoch's histogram of the constrained neighbours' ranks in the unconstrained order."""
+    import numpy as np
+
+    c = np.asarray(counts, float)
+    c /= max(c.sum(), 1.0)
+    tail = c[-1] if len(c) >= RANK_BINS else 0.0
+    return float(c[:k].sum()), int(np.searchsorted(np.cumsum(c), 0.5)), float(tail)
+
+
+def rank_lines(rows):
+    """Markdown: per row with rank histograms, at the first epoch with the constraint active (the second;
+    the first is the plain top-k by construction), the middle and the last epoch: how much of the
+    constrained set lies in the plain top-k, its median rank and the share beyond the histogram's range."""
+    lines = []
+    for row, recs in rows.items():
+        recs = [r for r in recs if r.get("rank_histograms")]
+        if not recs:
+            continue
+        k = int(train_flag(recs[0]["commands"]["train"], "topk") or 5)
+        epochs = sorted(int(e) for e in recs[0]["rank_histograms"])
+        for epoch in sorted({epochs[min(1, len(epochs) - 1)], epochs[len(epochs) // 2], epochs[-1]}):
+            stats = [rank_summary(r["rank_histograms"][str(epoch)], k) for r in recs
+                     if str(epoch) in r["rank_histograms"]]
+            within, median, tail = zip(*stats)
+            lines.append(f"| {row} | {epoch} | {cell(within)} | {statistics.median(median):,.0f} "
+                         f"({min(median):,}–{max(median):,}) | {cell(tail)} |")
+    if not lines:
+        return []
+    return ["", "## Where the constrained neighbours come from", "",
+            "From each run's per-epoch histogram of the constrained neighbours' ranks in the unconstrained "
+            "order (`constrained_ranks.jsonl`, 32 queries per step), at the first epoch with the constraint "
+            "active for every row (the second: in the first, CMSF-2Q has no previous view and CMSF-KM no clusters "
+            "yet, so their constrained set is the plain top-k), the middle and the last epoch. Shares in % (mean ± std over "
+            "seeds); median rank: the median over seeds (seed range); the last bin holds every rank from "
+            f"{RANK_BINS - 1:,} on.", "",
+            "| row | epoch | share within the plain top-k | median rank | share in the last bin |",
+            "|---|---|---|---|---|", *lines]
+
+
 def write_summary(records, floor, out, machine):
     rows = by_row(records)
     lines = ["# Fashion-MNIST study: every method, several seeds, one evaluation", "",
@@ -400,6 +460,7 @@ def write_summary(records, floor, out, machine):
         lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
                      f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
                      f"{mean_of('confident_fraction')} |" + (f" {final_cell(recs, 'rankme')} |" if with_rank else ""))
+    lines += rank_lines(rows)
     lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines))
