@@ -254,12 +254,15 @@ def mean_spread(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def cell(values):
+def cell(values, scale=100.0, digits=1):
+    """mean ± standard deviation (number of values) of the values given, times `scale` (fractions to %);
+    "–" when there are none."""
     mean, spread = mean_spread(values)
     if mean is None:
         return "–"
     n = len([v for v in values if v is not None])
-    return f"{100 * mean:.1f} ± {100 * spread:.1f} ({n})" if n > 1 else f"{100 * mean:.1f} (1)"
+    mean, spread = scale * mean, scale * spread
+    return f"{mean:.{digits}f} ± {spread:.{digits}f} ({n})" if n > 1 else f"{mean:.{digits}f} (1)"
 
 
 def by_row(records):
@@ -340,16 +343,6 @@ def write_readme_block(readme, records, floor, planned):
         f.write(head + "\n".join(block) + rest.split(end, 1)[1])
 
 
-def final_cell(recs, key, digits=1):
-    """A final value over a row's records that have it: mean ± standard deviation (number of seeds),
-    "–" when none has."""
-    mean, spread = mean_spread([r.get(key) for r in recs])
-    if mean is None:
-        return "–"
-    n = len([r for r in recs if r.get(key) is not None])
-    return f"{mean:.{digits}f} ± {spread:.{digits}f} ({n})" if n > 1 else f"{mean:.{digits}f} (1)"
-
-
 def load_records(out):
     """The finished runs' records in `out`. A run trained before RankMe was logged takes its RankMe from
     `out`/rankme/<run>.json when there is one (`cmsf_tf.evaluate knn` on its last checkpoint: the same
@@ -386,8 +379,9 @@ def train_flag(command, name):
 
 
 def rank_summary(counts, k):
-    """(share within the plain top-k, median 0-based rank, share in the last bin: rank >= len - 1) of one
-    epoch's histogram of the constrained neighbours' ranks in the unconstrained order."""
+    """(share within the plain top-k, median 0-based rank, share in the last bin: every rank from
+    RANK_BINS - 1 on, 0 when the histogram stops short of it) of one epoch's histogram of the constrained
+    neighbours' ranks in the unconstrained order."""
     import numpy as np
 
     c = np.asarray(counts, float)
@@ -459,7 +453,7 @@ def write_summary(records, floor, out, machine):
             return f"{scale * statistics.fmean(values):.{digits}f}" if values else "–"
         lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
                      f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
-                     f"{mean_of('confident_fraction')} |" + (f" {final_cell(recs, 'rankme')} |" if with_rank else ""))
+                     f"{mean_of('confident_fraction')} |" + (f" {cell([r.get('rankme') for r in recs], scale=1.0)} |" if with_rank else ""))
     lines += rank_lines(rows)
     lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as f:
