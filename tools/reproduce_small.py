@@ -26,6 +26,7 @@ from every JSON there. Raw-pixel floors of the same protocols are in <out>/floor
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,9 +36,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cmsf_tf.config import quiet_tensorflow  # noqa: E402  (no TensorFlow: config is absl and NumPy only)
+from cmsf_tf import config  # noqa: E402  (no TensorFlow: config is absl and NumPy only)
 
-quiet_tensorflow()  # before any TensorFlow import: no INFO lines, no CUDA error on a machine without a GPU
+config.quiet_tensorflow()  # before any TensorFlow import: no INFO lines, no CUDA error on a machine without a GPU
 
 # row: (flagfile, extra training flags, seeds). Three seeds for the rows whose ordering is the paper's
 # main claim, two for the others.
@@ -55,6 +56,8 @@ ROWS = {
 SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo")
 SEMI_LR_ROWS = ("msf", "cmsf_pseudo")
 LABEL_SPLIT = "percent:10"
+# The trainer's --topk when a run's command and flag files leave it unset.
+TOPK_DEFAULT = next(s.default for s in config.TRAIN_SETTINGS if s.name == "topk")
 # The bins of the training's rank histogram (methods.base.RankHistogram): the last holds every rank from 1,023.
 RANK_BINS = 1024
 # --quick: the tiny network and a few steps, for a smoke test of the whole tool.
@@ -115,7 +118,7 @@ def worker(specs):
     import keras
     from absl import flags
 
-    from cmsf_tf import config, evaluate, train
+    from cmsf_tf import evaluate, train
 
     config.define_flags()
     config.quiet_tensorflow()
@@ -362,20 +365,15 @@ def load_records(out):
 
 
 def train_flag(command, name):
-    """The value of --`name` in a recorded train command, flag files expanded in place (absl's rule: the
-    last occurrence wins); None when neither the command nor its flag files set it."""
-    def scan(args):
-        value = None
-        for arg in args:
-            if arg.startswith("--flagfile="):
-                with open(os.path.join(ROOT, arg.split("=", 1)[1])) as f:
-                    inner = scan([line.strip() for line in f if line.strip().startswith("--")])
-                value = inner if inner is not None else value
-            elif arg.startswith(f"--{name}="):
-                value = arg.split("=", 1)[1]
-        return value
+    """The value of --`name` in a recorded train command, its flag files expanded by absl as the trainer
+    expands them (relative to the checkout, where the study runs training; the last occurrence wins);
+    None when neither the command nor its flag files set it."""
+    from absl import flags
 
-    return scan(command.split()[3:])  # after "python -m cmsf_tf.train"
+    with contextlib.chdir(ROOT):  # command: "python -m cmsf_tf.train --flag ..."
+        args = flags.FlagValues().read_flags_from_files(command.split()[3:], force_gnu=False)
+    values = [arg.split("=", 1)[1] for arg in args if arg.startswith(f"--{name}=")]
+    return values[-1] if values else None
 
 
 def rank_summary(counts, k):
@@ -399,7 +397,7 @@ def rank_lines(rows):
         recs = [r for r in recs if r.get("rank_histograms")]
         if not recs:
             continue
-        k = int(train_flag(recs[0]["commands"]["train"], "topk") or 5)
+        k = int(train_flag(recs[0]["commands"]["train"], "topk") or TOPK_DEFAULT)
         epochs = sorted(int(e) for e in recs[0]["rank_histograms"])
         for epoch in sorted({epochs[min(1, len(epochs) - 1)], epochs[len(epochs) // 2], epochs[-1]}):
             stats = [rank_summary(r["rank_histograms"][str(epoch)], k) for r in recs
@@ -453,7 +451,8 @@ def write_summary(records, floor, out, machine):
             return f"{scale * statistics.fmean(values):.{digits}f}" if values else "–"
         lines.append(f"| {row} | {mean_of('loss')} | {mean_of('purity')} | {mean_of('purity_unconstrained')} | "
                      f"{mean_of('constrained_rank', digits=1)} | {mean_of('pseudo_accuracy')} | "
-                     f"{mean_of('confident_fraction')} |" + (f" {cell([r.get('rankme') for r in recs], scale=1.0)} |" if with_rank else ""))
+                     f"{mean_of('confident_fraction')} |"
+                     + (f" {cell([r.get('rankme') for r in recs], scale=1.0)} |" if with_rank else ""))
     lines += rank_lines(rows)
     lines += ["", "![k-NN per epoch, final accuracy per seed, constrained ranks](summary.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -536,9 +535,6 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        sys.path.insert(0, ROOT)
-        from cmsf_tf import config
-
         try:
             worker(json.loads(args.worker))
         except config.UsageError as e:
