@@ -12,25 +12,26 @@ import tensorflow as tf
 
 
 def _assign(x, centroids, chunk):
-    """(int32 [N] nearest centroid, float32 [N] its similarity), `chunk` rows at a time."""
+    """(int32 [N] nearest centroid, float32 [N] its similarity), `chunk` rows at a time.
+
+    Every block has exactly `chunk` rows (static shapes, as XLA needs): the last block starts early
+    enough to end at row N, overlapping its predecessor, and each row's result is read from the block
+    that holds it. Nothing is padded or copied."""
     n = tf.shape(x)[0]
-    starts = tf.range(0, n, chunk)
+    chunk = tf.minimum(chunk, n)
+    blocks = (n + chunk - 1) // chunk
+    starts = tf.minimum(tf.range(blocks) * chunk, n - chunk)
 
     def one(start):
-        block = x[start:start + chunk]
-        sims = tf.matmul(block, centroids, transpose_b=True)
-        best = tf.argmax(sims, axis=1, output_type=tf.int32)
-        return best, tf.reduce_max(sims, axis=1)
+        sims = tf.matmul(tf.slice(x, [start, 0], [chunk, -1]), centroids, transpose_b=True)
+        return tf.argmax(sims, axis=1, output_type=tf.int32), tf.reduce_max(sims, axis=1)
 
-    best, sim = tf.map_fn(lambda s: _padded(one, s, chunk, n), starts, parallel_iterations=1,  # 1 block in memory
+    best, sim = tf.map_fn(one, starts, parallel_iterations=1,  # 1 block in memory
                           fn_output_signature=(tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.float32)))
-    return tf.reshape(best, [-1])[:n], tf.reshape(sim, [-1])[:n]
-
-
-def _padded(fn, start, chunk, n):
-    best, sim = fn(start)
-    missing = chunk - tf.shape(best)[0]  # the last block is short: pad to a fixed size for map_fn
-    return tf.pad(best, [[0, missing]]), tf.pad(sim, [[0, missing]])
+    rows = tf.range(n)
+    block = rows // chunk
+    at = tf.stack([block, rows - tf.gather(starts, block)], axis=1)
+    return tf.gather_nd(best, at), tf.gather_nd(sim, at)
 
 
 def _kmeans_pp(x, k, seed, trials):
@@ -83,8 +84,8 @@ def _reseed_farthest(centroids, counts, x, sim, k, n):
     return tf.where(empty[:, None], tf.gather(x, tf.gather(worst, tf.maximum(slot, 0))), centroids)
 
 
-@tf.function(reduce_retracing=True)
-def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192, empty="split", init_sample=20):
+def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192, empty="split", init_sample=20,
+                     jit_compile=False):
     """Clusters the unit rows of float32 `x` [N, D] into k groups by cosine similarity.
 
     Returns (centroids [k, D] unit, assignments int32 [N], inertia) where inertia = sum over points of
@@ -92,21 +93,33 @@ def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192, empty="s
     points chosen with the seed) or "kmeans++" (greedy k-means++ seeding on `init_sample` random points
     per cluster). `empty`: what an empty cluster becomes — "split"
     (faiss's rule: half of a large cluster, see _split_into_empty) or "farthest" (the point currently
-    farthest from its centroid); either way all k clusters stay in use.
+    farthest from its centroid); either way all k clusters stay in use. `jit_compile`: the Lloyd
+    iterations compiled with XLA (for a training run that compiles: on a TPU nothing else runs on the
+    accelerator), once per N; the seeding is not (StatelessShuffle has no XLA kernel): it draws k of N
+    indices, or runs k-means++ on a sample, in O(N) work on whatever device TensorFlow places it.
     """
+    if empty not in ("split", "farthest"):
+        raise ValueError(f"unknown empty-cluster rule {empty!r}; choose split or farthest")
+    centroids = _initial_centroids(x, k, seed, init, init_sample)
+    return (_lloyd_xla if jit_compile else _lloyd_graph)(x, centroids, k, iters, seed, chunk, empty)
+
+
+@tf.function(reduce_retracing=True)
+def _initial_centroids(x, k, seed, init, init_sample):
     x = tf.cast(x, tf.float32)
     n = tf.shape(x)[0]
     if init == "kmeans++":
         # Seeding is k sequential passes: over a random sample of init_sample points per cluster
         # (all points when there are fewer) it costs what a few Lloyd iterations do.
         sample = tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 2])[:init_sample * k]
-        centroids = _kmeans_pp(tf.gather(x, sample), k, seed, trials=2 + int(math.log(k)))
-    else:
-        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 1])
-        centroids = tf.gather(x, order[:k])
+        return _kmeans_pp(tf.gather(x, sample), k, seed, trials=2 + int(math.log(k)))
+    order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 1])
+    return tf.gather(x, order[:k])
 
-    if empty not in ("split", "farthest"):
-        raise ValueError(f"unknown empty-cluster rule {empty!r}; choose split or farthest")
+
+def _lloyd(x, centroids, k, iters, seed, chunk, empty):
+    x = tf.cast(x, tf.float32)
+    n = tf.shape(x)[0]
 
     def step(i, centroids):
         best, sim = _assign(x, centroids, chunk)
@@ -120,3 +133,7 @@ def spherical_kmeans(x, k, iters=20, seed=0, init="random", chunk=8192, empty="s
     _, centroids = tf.while_loop(lambda i, _: i < iters, step, (0, centroids))
     best, sim = _assign(x, centroids, chunk)
     return centroids, best, tf.reduce_sum(2.0 - 2.0 * sim)
+
+
+_lloyd_graph = tf.function(_lloyd, reduce_retracing=True)
+_lloyd_xla = tf.function(_lloyd, reduce_retracing=True, jit_compile=True)

@@ -56,6 +56,7 @@ _METHODS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "cmsf_pseudo", "xen
 _ARCHS = ("resnet50", "resnet18", "resnet18_small")
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _PRECISIONS = ("float32", "bfloat16", "float16")
+_JIT = ("auto", "true", "false")
 
 TRAIN_SETTINGS = (
     Setting("method", "string", "msf",
@@ -166,6 +167,10 @@ TRAIN_SETTINGS = (
             "With --strategy=mirrored and no GPU: logical CPU devices to mirror over.", minimum=1),
     Setting("tpu", "string", "",
             "TPU name or address for --strategy=tpu."),
+    Setting("jit_compile", "string", "auto",
+            "Compile the train step (and the epoch-end k-means, pseudo-label head and k-NN features) with "
+            "XLA: auto (on under --strategy=tpu, where XLA is mandatory, and on one GPU; off on CPUs, where "
+            "it is slower, and under mirrored/multi_worker), true or false.", choices=_JIT),
     Setting("mixed_precision", "string", "float32",
             f"Compute dtype policy: {', '.join(_PRECISIONS)}.", choices=_PRECISIONS),
     Setting("seed", "integer", 0,
@@ -322,6 +327,24 @@ def validate(cfg):
         raise UsageError(f"--topk {cfg.topk} is larger than --bank_size {cfg.bank_size}")
     if cfg.cpu_devices > 1 and cfg.strategy != "mirrored":
         raise UsageError("--cpu_devices > 1 needs --strategy=mirrored")
+    _check_jit_compile(cfg)
+
+
+def _check_jit_compile(cfg):
+    """The --jit_compile settings that cannot compile, refused before TensorFlow loads (docs/accelerators.md)."""
+    if cfg.jit_compile == "false" and cfg.strategy == "tpu":
+        raise UsageError("--jit_compile=false cannot apply under --strategy=tpu: TPUStrategy compiles every step "
+                         "with XLA (leave --jit_compile=auto)")
+    if cfg.jit_compile != "true":
+        return
+    if cfg.strategy in ("mirrored", "multi_worker"):
+        raise UsageError(f"--jit_compile=true cannot compile under --strategy={cfg.strategy}: TensorFlow runs the "
+                         "cross-replica gather of the memory bank (all_gather) and the bank's first-replica "
+                         "writes through merge_call, which an XLA-compiled replica step cannot contain; use "
+                         "--jit_compile=auto (XLA off) or one device")
+    if cfg.deterministic:
+        raise UsageError("--jit_compile=true cannot be combined with --deterministic: TensorFlow's deterministic "
+                         "ops are not XLA ops, and Keras would silently train without XLA")
 
 
 # ----- python -m cmsf_tf.evaluate / python -m cmsf_tf.export -----

@@ -54,3 +54,16 @@ def gather(*tensors):
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return tensors
     return tuple(ctx.all_gather(tf.identity(t), axis=0) for t in tensors)
+
+
+def resolve_jit_compile(setting, strategy_name, deterministic=False):
+    """Whether a run compiles with XLA, from --jit_compile ("auto", "true", "false"; config refuses the
+    combinations that cannot compile). auto: always under TPUStrategy (it compiles every step with XLA
+    whatever Keras is told); on the default strategy with a GPU; never on CPUs, where the compiled step
+    was slower (bench/xla.md), nor under mirrored/multi_worker (their step cannot be compiled per
+    replica), nor with --deterministic (Keras turns XLA off under op determinism)."""
+    if strategy_name == "tpu":
+        return True
+    if setting != "auto":
+        return setting == "true"
+    return strategy_name == "default" and not deterministic and bool(tf.config.list_logical_devices("GPU"))

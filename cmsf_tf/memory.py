@@ -55,17 +55,26 @@ class MemoryBank(keras.layers.Layer):
         return positions
 
 
-def ring_write(pointer, size, *columns):
+def ring_write(pointer, size, *columns, count=None):
     """Writes the rows of each (variable, rows) column at `pointer` of a ring buffer of `size` rows
-    (wrapping around) and advances the pointer: the write of MemoryBank and LabelledCache. Returns
-    (int64 row positions, number of rows). In place (scatter_update: a full assign would copy K x D
-    every step; scatter_nd_update is not implemented for mirrored variables)."""
+    (wrapping around) and advances the pointer: the write of MemoryBank and LabelledCache. With `count`
+    (a scalar tensor) only the first `count` rows are new: the positions of the others are rewritten with
+    what they hold and the pointer advances by `count`, so a variable number of rows is written with
+    static shapes (XLA). Returns (int64 row positions, number of rows written). In place
+    (scatter_update: a full assign would copy K x D every step; scatter_nd_update is not implemented for
+    mirrored variables)."""
     n = tf.shape(columns[0][1], out_type=tf.int64)[0]
     positions = (pointer + tf.range(n, dtype=tf.int64)) % size
+    fresh = None if count is None else tf.range(n, dtype=tf.int64) < count
     for variable, rows in columns:
-        variable.value.scatter_update(tf.IndexedSlices(tf.cast(rows, variable.dtype), positions))
-    pointer.assign((pointer + n) % size)
-    return positions, n
+        rows = tf.cast(rows, variable.dtype)
+        if fresh is not None:
+            keep = tf.reshape(fresh, [-1] + [1] * (rows.shape.rank - 1))
+            rows = tf.where(keep, rows, tf.gather(variable, positions))
+        variable.value.scatter_update(tf.IndexedSlices(rows, positions))
+    written = n if count is None else count
+    pointer.assign((pointer + written) % size)
+    return positions, written
 
 
 def _random_unit_rows(seed):
@@ -141,10 +150,14 @@ class LabelledCache(keras.layers.Layer):
         self.built = True
 
     def write(self, embeddings, labels, keep):
-        """Appends the rows where `keep` (bool) is true. At most `size` rows per call."""
-        rows = tf.boolean_mask(embeddings, keep)
-        row_labels = tf.boolean_mask(tf.cast(labels, tf.int32), keep)
-        _, n = ring_write(self.pointer, self.size, (self.embeddings, rows), (self.labels, row_labels))
+        """Appends the rows where `keep` (bool) is true, in their order. At most `size` rows per call.
+        The kept rows are moved to the front rather than selected with boolean_mask, whose output has a
+        data-dependent shape that XLA (TPUStrategy, jit_compile) cannot compile."""
+        keep = tf.convert_to_tensor(keep)
+        order = tf.argsort(tf.cast(tf.logical_not(keep), tf.int32), stable=True)  # kept rows first, in order
+        count = tf.reduce_sum(tf.cast(keep, tf.int64))
+        _, n = ring_write(self.pointer, self.size, (self.embeddings, tf.gather(embeddings, order)),
+                          (self.labels, tf.gather(tf.cast(labels, tf.int32), order)), count=count)
         self.filled.assign(tf.minimum(self.filled + n, self.size))
 
     def contents(self):

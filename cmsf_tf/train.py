@@ -224,11 +224,16 @@ def run(cfg, log=print):
     if METHODS[cfg.method].needs_labels and not sources.has_train_labels(source):
         raise config.UsageError(f"{sources.no_labels_reason(source, cfg.dataset, '--method=' + cfg.method)}; "
                                 "train a self-supervised method (byol, msf, cmsf_2q, cmsf_km)")
+    jit_compile = distribute.resolve_jit_compile(cfg.jit_compile, cfg.strategy, cfg.deterministic)
     with strategy.scope():
         model = build_model(cfg, sync_bn=replicas > 1, num_images=source.num_train, num_classes=source.num_classes)
         optimizer = keras.optimizers.SGD(
             learning_rate_schedule(cfg, total_steps, steps_per_epoch), momentum=cfg.momentum)
-        model.compile(optimizer=optimizer)
+        model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    if bool(model.jit_compile) != jit_compile:  # Keras turns XLA off, with a warning only, for models it deems unfit
+        raise config.UsageError(f"--jit_compile={cfg.jit_compile}: Keras declined to compile this model with XLA")
+    if jit_compile:
+        log("XLA: the train step, the epoch-end clustering, pseudo-label head and k-NN features are compiled")
 
     # Multi-worker: every worker must take part in saving (it is a collective), but only the chief
     # writes into --model_dir; the others save into a throwaway directory and restore from the chief's.
@@ -264,13 +269,14 @@ def run(cfg, log=print):
     callbacks = [guard]
     # The method's own callbacks (k-means, pseudo-label head) run before the saver: the checkpoint holds their work.
     callbacks += METHODS[cfg.method].training_callbacks(cfg, steps_per_epoch=steps_per_epoch,
-                                                        logdir=logdir if chief else None, log=log)
+                                                        logdir=logdir if chief else None, log=log,
+                                                        jit_compile=jit_compile)
     callbacks.append(saver)
     if chief and cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
         callbacks.append(monitor.KnnMonitor(
             cfg.knn_every, sources.knn_source(source), cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
             queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
-            curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log))
+            curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log, jit_compile=jit_compile))
     # On every worker: reading the rank histogram (an on-read metric variable) is a collective across
     # workers under MultiWorkerMirroredStrategy; only the chief writes it.
     callbacks.append(monitor.RankHistograms(logdir if chief else None,
@@ -295,7 +301,7 @@ def run(cfg, log=print):
         return None
 
     result = {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
-              "steps": step}
+              "steps": step, "jit_compile": jit_compile}
     if step > first_step:
         result["train_images_per_s"] = round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)
 
@@ -306,7 +312,7 @@ def run(cfg, log=print):
     if cfg.knn_eval and knn_data is None:
         log(f"no k-NN evaluation: {sources.no_labels_reason(source, cfg.dataset, 'it')}")
     elif cfg.knn_eval:
-        result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log))
+        result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log, jit_compile))
     curve = monitor.read_jsonl(os.path.join(cfg.model_dir, monitor.KNN_CURVE))
     if curve:
         result["knn_curve"] = curve
@@ -314,7 +320,7 @@ def run(cfg, log=print):
         with strategy.scope():
             untrained = build_model(cfg, sync_bn=False, num_images=source.num_train, num_classes=source.num_classes)
         result["baselines"] = {
-            "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log),
+            "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log, jit_compile),
         }
         if hasattr(source, "train_images"):
             result["baselines"]["raw_pixels"] = raw_pixel_knn(source)
@@ -324,13 +330,13 @@ def run(cfg, log=print):
     return result
 
 
-def knn_evaluation(encoder, source, cfg, log):
+def knn_evaluation(encoder, source, cfg, log, jit_compile=False):
     import tensorflow as tf
 
     from cmsf_tf.eval import knn
 
     log("k-NN evaluation on the test split ...")
-    features = tf.function(lambda images: encoder(images, training=False))
+    features = tf.function(lambda images: encoder(images, training=False), jit_compile=jit_compile)
     result, _, _ = knn.split_knn(features, source, cfg.image_size, cfg.eval_batch_size)
     return result
 

@@ -119,10 +119,18 @@ def torch_step(method, net, threads):
     return run
 
 
+# What each framework name runs: cmsf_tf's step as --jit_compile says, the same step compiled with XLA
+# (--compare_xla), or the PyTorch reference.
+XLA = "cmsf_tf_xla"
+
+
 def worker(conn, framework, method, net, threads):
     """A process holding one step: answers ("run", steps) with seconds, ("rss",) with peak RSS in MB."""
     try:  # (spawn re-runs this module's top level in the child, so sys.path already holds ROOT and tools/)
-        run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
+        if framework == XLA:
+            run = tf_step(method, net, dict(threads, jit=True))
+        else:
+            run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
         conn.send(("ready", None))
         while True:
@@ -193,6 +201,9 @@ def parse(argv=None):
     parser.add_argument("--intra_op", type=int, default=0, help="TF intra-op threads (0: TensorFlow's default)")
     parser.add_argument("--inter_op", type=int, default=0, help="TF inter-op threads (0: TensorFlow's default)")
     parser.add_argument("--jit_compile", action="store_true", help="compile cmsf_tf's step with XLA")
+    parser.add_argument("--compare_xla", action="store_true",
+                        help=f"also time cmsf_tf's step compiled with XLA ({XLA}), alternating with the others; "
+                             "rows get its ratio to the step without XLA (vs_no_xla)")
     parser.add_argument("--alternate_methods", action="store_true",
                         help="keep every method's process alive and let all take turns round by round (for the "
                              "ratios to BYOL; needs the memory of all at once), instead of one method after another")
@@ -207,7 +218,8 @@ def main(argv=None):
     args = parse(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # inherited by the workers
     NETS["resnet50"]["batch"] = args.resnet50_batch
-    frameworks = ["cmsf_tf"] + (["pytorch"] if benchlib.optional_torch(args.no_torch) else [])
+    frameworks = (["cmsf_tf"] + ([XLA] if args.compare_xla else [])
+                  + (["pytorch"] if benchlib.optional_torch(args.no_torch) else []))
     threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
     rows = []
     for net_name in args.nets.split(","):
@@ -215,8 +227,8 @@ def main(argv=None):
         steps = args.steps or (4 if net_name == "demo" else 1)
         print(f"\n{net_name}: {net['arch']} width {net['width']}, {net['image_size']} px, batch {net['batch']}, "
               f"bank {net['bank_size']:,}; median of {args.rounds} rounds of {steps} step(s)")
-        print(f"{'method':12s} {'framework':9s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
-              f"{'vs torch':>9s} {'RSS MB':>7s}")
+        print(f"{'method':12s} {'framework':11s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
+              f"{'vs torch':>9s} {'RSS MB':>7s}" + (f" {'vs no XLA':>9s}" if args.compare_xla else ""))
         byol = {}
         methods = args.methods.split(",")
         if args.alternate_methods:
@@ -234,13 +246,16 @@ def main(argv=None):
                         byol[fw] = r["ms"]
                     if fw in byol:
                         row["vs_byol"] = round(r["ms"] / byol[fw], 3)
-                    if fw == "cmsf_tf" and "ms" in res.get(("pytorch", method), {}):
+                    if fw != "pytorch" and "ms" in res.get(("pytorch", method), {}):
                         row["vs_torch"] = round(r["ms"] / res[("pytorch", method)]["ms"], 3)
-                    print(f"{method:12s} {fw:9s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
+                    if fw == XLA and "ms" in res.get(("cmsf_tf", method), {}):
+                        row["vs_no_xla"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                    print(f"{method:12s} {fw:11s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
                           f"{row['images_per_s']:7.1f} {row.get('vs_byol', float('nan')):8.3f} "
-                          f"{row.get('vs_torch', float('nan')):9.3f} {r['rss_mb']:7.0f}")
+                          f"{row.get('vs_torch', float('nan')):9.3f} {r['rss_mb']:7.0f}"
+                          + (f" {row['vs_no_xla']:9.3f}" if "vs_no_xla" in row else ""))
                 else:
-                    print(f"{method:12s} {fw:9s} failed: {r['error']}")
+                    print(f"{method:12s} {fw:11s} failed: {r['error']}")
                 rows.append(row)
     return benchlib.emit_json("bench_step", rows, args.json, settings=vars(args),
                               versions=benchlib.versions("tensorflow", "keras", "torch"))

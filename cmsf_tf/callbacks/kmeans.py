@@ -13,8 +13,10 @@ class KMeansClusters(keras.callbacks.Callback):
     model). Adds `kmeans_inertia` (mean 2 - 2 cos to the centroid) and `kmeans_empty` to the epoch
     logs; with a `logdir`, writes the cluster-size histogram. Must run before the checkpoint saver."""
 
-    def __init__(self, num_clusters, iters=20, seed=0, init="random", chunk=8192, logdir=None, log=print):
+    def __init__(self, num_clusters, iters=20, seed=0, init="random", chunk=8192, logdir=None, log=print,
+                 jit_compile=False):
         super().__init__()
+        self.jit_compile = jit_compile
         self.num_clusters, self.iters, self.seed, self.init, self.chunk = num_clusters, iters, seed, init, chunk
         self.writer = tf.summary.create_file_writer(logdir) if logdir else None
         self.log = log
@@ -34,7 +36,7 @@ class KMeansClusters(keras.callbacks.Callback):
             self.log(f"cmsf_km: only {n} images seen, clustering them into {k} clusters")
         _, assignments, inertia = clustering.spherical_kmeans(
             tf.math.l2_normalize(x, axis=1), k, iters=self.iters, seed=self.seed + epoch, init=self.init,
-            chunk=self.chunk)
+            chunk=self.chunk, jit_compile=self.jit_compile)
         ids = tf.tensor_scatter_nd_update(tf.fill([self.model.pool.num_images], -1),
                                           tf.where(seen), assignments)
         self.model.cluster_ids.assign(ids)

@@ -61,8 +61,9 @@ class KnnMonitor(keras.callbacks.Callback):
     evaluation loses no training); a resumed run measures its last epoch if the curve lacks it."""
 
     def __init__(self, every, source, image_size, batch_size, steps_per_epoch, total_epochs, queries=2000, index=0,
-                 logdir=None, curve_path=None, log=print):
+                 logdir=None, curve_path=None, log=print, jit_compile=False):
         super().__init__()
+        self.jit_compile = jit_compile
         self.every, self.steps_per_epoch, self.total_epochs = int(every), int(steps_per_epoch), int(total_epochs)
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
         self.queries, self.index = int(queries), int(index)
@@ -83,7 +84,7 @@ class KnnMonitor(keras.callbacks.Callback):
         started = time.time()
         if self._features is None:
             backbone = self.model.online_backbone
-            self._features = tf.function(lambda images: backbone(images, training=False))
+            self._features = tf.function(lambda images: backbone(images, training=False), jit_compile=self.jit_compile)
         result, index, queries = knn.split_knn(
             self._features, self.source, self.image_size, self.batch_size,
             index_keep=evenly_spaced(self.source.num_train, self.index),

@@ -21,14 +21,15 @@ from cmsf_tf.head_training import cached_batches, step_schedule
 
 
 def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9,
-               weight_decay=1e-4):
-    """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1."""
+               weight_decay=1e-4, jit_compile=False):
+    """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1.
+    `jit_compile`: the step compiled with XLA (one compilation per batch shape: the full and the last)."""
     steps = -(-len(features) // batch_size)
     optimizer = keras.optimizers.SGD(step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
                                      momentum=momentum)
     variables = head.trainable_variables
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(x, y):
         with tf.GradientTape() as tape:
             logits = tf.cast(head(x, training=True), tf.float32)
@@ -48,8 +49,9 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
 
 class PseudoLabelTrainer(keras.callbacks.Callback):
     def __init__(self, steps_per_epoch, epochs=10, lr=0.01, milestones=(15, 30, 40), batch_size=256, seed=0,
-                 logdir=None, log=print, weight_decay=1e-4):
+                 logdir=None, log=print, weight_decay=1e-4, jit_compile=False):
         super().__init__()
+        self.jit_compile = jit_compile
         self.steps_per_epoch = int(steps_per_epoch)
         self.epochs, self.lr, self.milestones, self.batch_size, self.seed = epochs, lr, tuple(milestones), batch_size, seed
         self.weight_decay = weight_decay
@@ -74,7 +76,8 @@ class PseudoLabelTrainer(keras.callbacks.Callback):
             self._copy = keras.Model.from_config(config)
         self._copy.set_weights(self.model.pseudo_head.get_weights())
         accuracy = train_head(self._copy, features, labels, self.epochs, self.lr, self.milestones, self.batch_size,
-                              seed=self.seed * 1_000_003 + step, weight_decay=self.weight_decay)
+                              seed=self.seed * 1_000_003 + step, weight_decay=self.weight_decay,
+                              jit_compile=self.jit_compile)
         self.model.pseudo_head.set_weights(self._copy.get_weights())
         if logs is not None:
             logs["head_train_top1"] = accuracy

@@ -43,10 +43,11 @@ class TrainingPlumbing:
         raise NotImplementedError
 
     @classmethod
-    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log):
+    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log, jit_compile=False):
         """Keras callbacks the method's training needs (epoch-end clustering, head training, ...); run
         before the checkpoint saver, so a checkpoint holds what they computed. `logdir`: TensorBoard
-        directory (None on non-chief workers)."""
+        directory (None on non-chief workers); `jit_compile`: whether the run compiles with XLA (their
+        own computations should too: on a TPU nothing else runs on the accelerator)."""
         return []
 
     def _add_step_counter(self):
@@ -109,7 +110,9 @@ class RankHistogram(keras.metrics.Metric):
         ranks = tf.reshape(tf.cast(ranks, tf.float32), [-1])
         self.rank_sum.assign_add(tf.reduce_sum(ranks))
         bins = tf.minimum(tf.cast(ranks, tf.int32), self.bins - 1)
-        self.histogram.assign_add(tf.math.bincount(bins, minlength=self.bins, maxlength=self.bins, dtype=tf.float32))
+        # A segment sum with a static number of segments, not tf.math.bincount: XLA (TPUStrategy,
+        # jit_compile) needs the histogram's size as a compile-time constant, which bincount's is not.
+        self.histogram.assign_add(tf.math.unsorted_segment_sum(tf.ones_like(ranks), bins, self.bins))
 
     def result(self):
         return self.rank_sum / tf.maximum(tf.reduce_sum(self.histogram), 1.0)

@@ -21,10 +21,11 @@ class CMSFKM(MeanShift):
         return dict(num_images=num_images, pool_dtype=cfg.pool_dtype)
 
     @classmethod
-    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log):
+    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log, jit_compile=False):
         from cmsf_tf.callbacks.kmeans import KMeansClusters
 
-        return [KMeansClusters(cfg.num_clusters, cfg.kmeans_iters, cfg.seed, cfg.kmeans_init, logdir=logdir, log=log)]
+        return [KMeansClusters(cfg.num_clusters, cfg.kmeans_iters, cfg.seed, cfg.kmeans_init, logdir=logdir, log=log,
+                               jit_compile=jit_compile)]
 
     def __init__(self, *, num_images, pool_dtype="float32", **kwargs):
         super().__init__(**kwargs)

@@ -31,12 +31,13 @@ class CMSFPseudo(MeanShift):
                     cache_confident=cfg.pseudo_cache_confident)
 
     @classmethod
-    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log):
+    def training_callbacks(cls, cfg, *, steps_per_epoch, logdir, log, jit_compile=False):
         from cmsf_tf.callbacks.pseudo_label import PseudoLabelTrainer
 
         return [PseudoLabelTrainer(steps_per_epoch, cfg.pseudo_epochs, cfg.pseudo_lr,
                                    [int(m) for m in cfg.pseudo_milestones], cfg.pseudo_batch_size, cfg.seed,
-                                   logdir=logdir, log=log, weight_decay=cfg.pseudo_weight_decay)]
+                                   logdir=logdir, log=log, weight_decay=cfg.pseudo_weight_decay,
+                                   jit_compile=jit_compile)]
 
     def __init__(self, *, num_classes, conf_threshold=0.85, cache_size=128000, cache_confident=False,
                  sync_bn=False, **kwargs):
