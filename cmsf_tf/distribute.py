@@ -67,3 +67,10 @@ def resolve_jit_compile(setting, strategy_name, deterministic=False):
     if setting != "auto":
         return setting == "true"
     return strategy_name == "default" and not deterministic and bool(tf.config.list_logical_devices("GPU"))
+
+
+def view_dtype(strategy):
+    """The dtype of the training views the input pipeline hands the step: uint8 pixel levels, or bfloat16
+    levels under TPUStrategy (TPUs take no uint8 input; every level 0-255 is exact in bfloat16, at half
+    of float32's bytes)."""
+    return tf.bfloat16 if isinstance(strategy, tf.distribute.TPUStrategy) else tf.uint8

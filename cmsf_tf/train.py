@@ -132,8 +132,9 @@ def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, ste
     from cmsf_tf.data import pipeline
     from cmsf_tf.methods import METHODS
 
-    # TPUs take no uint8 input: their views travel as bfloat16 pixel levels (exact, half of float32's bytes).
-    view_dtype = tf.bfloat16 if isinstance(strategy, tf.distribute.TPUStrategy) else tf.uint8
+    from cmsf_tf import distribute
+
+    view_dtype = distribute.view_dtype(strategy)
     while step < total_steps and not saver.stopped_early:
         if cfg.stop_after_steps and step >= cfg.stop_after_steps:
             break

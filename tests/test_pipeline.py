@@ -235,3 +235,33 @@ def test_self_supervised_training_on_unlabelled_images_and_what_is_refused(tmp_p
     assert_one_sentence_error(run_cli("cmsf_tf.train", *SMALL, "--dataset=folder", bare,
                                       f"--model_dir={tmp_path / 'c'}", "--knn_every=1"),
                               "--knn_every needs labels")
+
+
+@pytest.mark.parametrize("kind", ["memory", "folder", "tfrecord"])
+def test_the_tpu_input_path_has_static_shapes_and_only_tpu_dtypes(kind, folder, records):
+    """What TPUStrategy feeds its compiled step, checked on CPU: the per-replica batches of each source kind
+    with the views as bfloat16 pixel levels (distribute.view_dtype's choice under TPUStrategy) have fully
+    static shapes (drop_remainder), carry no strings (file names, encoded images stay in the pipeline) and no
+    uint8, and hold exactly the levels of the uint8 stream."""
+    from cmsf_tf import distribute
+    from cmsf_tf.data import augment
+
+    assert distribute.view_dtype(tf.distribute.get_strategy()) == tf.uint8
+    src = {"memory": lambda: sources.InMemorySource(
+               "m", np.arange(24 * 8 * 8, dtype=np.int64).reshape(24, 8, 8, 1).astype(np.uint8),
+               np.arange(24, dtype=np.int32) % 3, None, None, 3),
+           "folder": lambda: sources.load_folder(folder),
+           "tfrecord": lambda: sources.load_tfrecord(records)}[kind]()
+    streams = {dtype: pipeline.train_dataset(src, global_batch=4, steps_per_epoch=3, start_epoch=0, end_epoch=1,
+                                             third_view=True, view_dtype=dtype, input_context=context(2, 0), **ARGS)
+               for dtype in (tf.bfloat16, tf.uint8)}
+    spec = streams[tf.bfloat16].element_spec
+    assert set(spec) == {"weak", "strong", "third", "label", "true_label", "is_labelled", "index"}
+    for name, s in spec.items():
+        assert s.shape.is_fully_defined() and s.shape[0] == 2, (name, s.shape)
+        assert s.dtype in (tf.bfloat16, tf.int32, tf.int64, tf.bool), (name, s.dtype)
+    for levels, pixels in zip(streams[tf.bfloat16], streams[tf.uint8]):
+        for view in ("weak", "strong", "third"):
+            np.testing.assert_array_equal(tf.cast(levels[view], tf.float32).numpy(), pixels[view].numpy())
+            np.testing.assert_array_equal(augment.model_views(levels)[view].numpy(),
+                                          augment.model_views(pixels)[view].numpy())
