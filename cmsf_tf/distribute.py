@@ -1,5 +1,7 @@
 """Strategy selection and the cross-replica gather that keeps memory banks identical on every replica."""
 
+import contextlib
+
 import tensorflow as tf
 
 
@@ -74,3 +76,15 @@ def view_dtype(strategy):
     levels under TPUStrategy (TPUs take no uint8 input; every level 0-255 is exact in bfloat16, at half
     of float32's bytes)."""
     return tf.bfloat16 if isinstance(strategy, tf.distribute.TPUStrategy) else tf.uint8
+
+
+def on_first_device(strategy):
+    """A device scope on the strategy's first compute device (a TPU core, the first GPU, the first logical
+    CPU) for work that runs outside the replicas: the epoch-end k-means and the k-NN features. Under
+    TPUStrategy ops and functions called outside strategy.run would otherwise run on the host's CPU,
+    with the TPU's variables copied over. The default strategy keeps TensorFlow's own placement."""
+    try:
+        device = strategy.extended.worker_devices[0]
+    except RuntimeError:  # the default strategy has no device list
+        return contextlib.nullcontext()
+    return tf.device(device)

@@ -313,7 +313,7 @@ def run(cfg, log=print):
     if cfg.knn_eval and knn_data is None:
         log(f"no k-NN evaluation: {sources.no_labels_reason(source, cfg.dataset, 'it')}")
     elif cfg.knn_eval:
-        result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log, jit_compile))
+        result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log, strategy, jit_compile))
     curve = monitor.read_jsonl(os.path.join(cfg.model_dir, monitor.KNN_CURVE))
     if curve:
         result["knn_curve"] = curve
@@ -321,7 +321,7 @@ def run(cfg, log=print):
         with strategy.scope():
             untrained = build_model(cfg, sync_bn=False, num_images=source.num_train, num_classes=source.num_classes)
         result["baselines"] = {
-            "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log, jit_compile),
+            "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log, strategy, jit_compile),
         }
         if hasattr(source, "train_images"):
             result["baselines"]["raw_pixels"] = raw_pixel_knn(source)
@@ -331,13 +331,12 @@ def run(cfg, log=print):
     return result
 
 
-def knn_evaluation(encoder, source, cfg, log, jit_compile=False):
-    import tensorflow as tf
-
+def knn_evaluation(encoder, source, cfg, log, strategy, jit_compile=False):
+    from cmsf_tf.callbacks import monitor
     from cmsf_tf.eval import knn
 
     log("k-NN evaluation on the test split ...")
-    features = tf.function(lambda images: encoder(images, training=False), jit_compile=jit_compile)
+    features = monitor.feature_function(encoder, strategy, jit_compile)
     result, _, _ = knn.split_knn(features, source, cfg.image_size, cfg.eval_batch_size)
     return result
 

@@ -147,6 +147,9 @@ def test_two_replicas_keep_the_pseudo_label_head_and_cache_of_one_device(tmp_pat
     ("--learning_rate=inf", r"--learning_rate must be a finite number \(got inf\)"),
     ("--weight_decay=nan", r"--weight_decay must be a finite number \(got nan\)"),
     ("--data_dir=/nonexistent/fmnist", r"--data_dir /nonexistent/fmnist does not exist"),
+    ("--strategy=mirrored --cpu_devices=2 --jit_compile=true",
+     r"--jit_compile=true cannot compile under --strategy=mirrored: .*merge_call"),
+    ("--deterministic --jit_compile=true", r"--jit_compile=true cannot be combined with --deterministic"),
 ])
 def test_bad_flag_values_fail_with_one_sentence(tmp_path, fmnist_slice, flag, pattern):
     args = [f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path / 'run'}", *flag.split()]
@@ -448,3 +451,20 @@ def test_knn_every_writes_a_curve_that_a_resumed_run_continues(tmp_path, fmnist_
     assert out.returncode == 0, out.stderr[-3000:]
     (record,) = [json.loads(line) for line in (sub / "knn_curve.jsonl").read_text().splitlines()]
     assert (record["queries"], record["index"]) == (128, 256)
+
+
+def test_a_compiled_cmsf_km_run_clusters_monitors_and_evaluates_under_xla(tmp_path, fmnist_slice):
+    """--jit_compile=true end to end: the compiled step, the epoch-end k-means, the per-epoch k-NN and the
+    final k-NN all run compiled; the setting is in flags.json and what the run did in result.json."""
+    model_dir = tmp_path / "run"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--method=cmsf_km", "--num_clusters=8",
+                "--epochs=2", "--steps_per_epoch=3", "--knn_every=1", "--knn_every_queries=64", "--jit_compile=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "XLA: the train step, the epoch-end clustering" in out.stdout + out.stderr
+    assert json.loads((model_dir / "flags.json").read_text())["jit_compile"] == "true"
+    result = json.loads((model_dir / "result.json").read_text())
+    assert result["jit_compile"] is True and result["steps"] == 6
+    assert 0.0 <= result["knn_top1_k20"] <= 1.0 and len(result["knn_curve"]) == 2
+    ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
+    ids = [ckpt.get_tensor(k) for k in ckpt.get_variable_to_shape_map() if "cluster_ids" in k and "OPTIMIZER" not in k]
+    assert ids and ids[0].max() == 7 and ids[0].min() == -1  # 8 clusters of the seen images, -1 for the rest

@@ -127,6 +127,7 @@ def test_pseudo_label_head_rounds_compile_with_xla_and_train_as_without_them():
 
 
 def test_knn_features_compile_with_xla_and_equal_the_uncompiled_ones(fmnist_slice):
+    from cmsf_tf.callbacks import monitor
     from cmsf_tf.data import pipeline, sources
     from cmsf_tf.eval import knn
 
@@ -134,10 +135,9 @@ def test_knn_features_compile_with_xla_and_equal_the_uncompiled_ones(fmnist_slic
     model = train.build_model(config.make(method="msf", arch="resnet18_small", width=4, image_size=28,
                                           batch_size=32, bank_size=64), sync_bn=False, num_images=512, num_classes=10)
     source = sources.load("fashion_mnist", fmnist_slice)
-    backbone = model.online_backbone
     feats = {}
     for jit_compile in (False, True):
-        fn = tf.function(lambda images: backbone(images, training=False), jit_compile=jit_compile)
+        fn = monitor.feature_function(model.online_backbone, model.distribute_strategy, jit_compile)
         # batch 100 over 256 test images: the last batch is short (a second compilation)
         feats[jit_compile] = knn.features_and_labels(fn, pipeline.eval_split(source, "test", 28, 100))
     np.testing.assert_array_equal(feats[True][1], feats[False][1])

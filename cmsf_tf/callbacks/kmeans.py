@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cmsf_tf import clustering
+from cmsf_tf import clustering, distribute
 
 
 class KMeansClusters(keras.callbacks.Callback):
@@ -26,17 +26,18 @@ class KMeansClusters(keras.callbacks.Callback):
             self.log("cmsf_km: no clusters yet, so the constraint is off (loss = MSF) until the first epoch ends")
 
     def on_epoch_end(self, epoch, logs=None):
-        embeddings, seen = self.model.pool.latest()
-        x = tf.boolean_mask(embeddings, seen)
-        n = int(tf.shape(x)[0])
-        k = min(self.num_clusters, n)
-        if k < 1:
-            return
-        if k < self.num_clusters:
-            self.log(f"cmsf_km: only {n} images seen, clustering them into {k} clusters")
-        _, assignments, inertia = clustering.spherical_kmeans(
-            tf.math.l2_normalize(x, axis=1), k, iters=self.iters, seed=self.seed + epoch, init=self.init,
-            chunk=self.chunk, jit_compile=self.jit_compile)
+        with distribute.on_first_device(self.model.distribute_strategy):  # on the accelerator, not its host
+            embeddings, seen = self.model.pool.latest()
+            x = tf.boolean_mask(embeddings, seen)
+            n = int(tf.shape(x)[0])
+            k = min(self.num_clusters, n)
+            if k < 1:
+                return
+            if k < self.num_clusters:
+                self.log(f"cmsf_km: only {n} images seen, clustering them into {k} clusters")
+            _, assignments, inertia = clustering.spherical_kmeans(
+                tf.math.l2_normalize(x, axis=1), k, iters=self.iters, seed=self.seed + epoch, init=self.init,
+                chunk=self.chunk, jit_compile=self.jit_compile)
         ids = tf.tensor_scatter_nd_update(tf.fill([self.model.pool.num_images], -1),
                                           tf.where(seen), assignments)
         self.model.cluster_ids.assign(ids)

@@ -40,6 +40,18 @@ def _append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def feature_function(backbone, strategy, jit_compile=False):
+    """images -> the backbone's features in inference mode: a tf.function on the strategy's first device
+    (distribute.on_first_device), compiled with XLA when the run compiles."""
+    from cmsf_tf import distribute
+
+    def features(images):
+        with distribute.on_first_device(strategy):
+            return backbone(images, training=False)
+
+    return tf.function(features, jit_compile=jit_compile)
+
+
 def evenly_spaced(count, wanted):
     """A keep-function (index, label, name) -> bool for pipeline.eval_split choosing about `wanted` of
     `count` examples, evenly spaced by index (0 or >= count: all). Fixed, so every epoch's k-NN is
@@ -83,8 +95,8 @@ class KnnMonitor(keras.callbacks.Callback):
 
         started = time.time()
         if self._features is None:
-            backbone = self.model.online_backbone
-            self._features = tf.function(lambda images: backbone(images, training=False), jit_compile=self.jit_compile)
+            self._features = feature_function(self.model.online_backbone, self.model.distribute_strategy,
+                                              self.jit_compile)
         result, index, queries = knn.split_knn(
             self._features, self.source, self.image_size, self.batch_size,
             index_keep=evenly_spaced(self.source.num_train, self.index),
