@@ -62,7 +62,7 @@ def resolve_jit_compile(setting, strategy_name, deterministic=False):
     """Whether a run compiles with XLA, from --jit_compile ("auto", "true", "false"; config refuses the
     combinations that cannot compile). auto: always under TPUStrategy (it compiles every step with XLA
     whatever Keras is told); on the default strategy with a GPU; never on CPUs, where the compiled step
-    was slower (bench/xla.md), nor under mirrored/multi_worker (their step cannot be compiled per
+    was 2-3x slower (docs/accelerators.md), nor under mirrored/multi_worker (their step cannot be compiled per
     replica), nor with --deterministic (Keras turns XLA off under op determinism)."""
     if strategy_name == "tpu":
         return True

@@ -151,8 +151,9 @@ class LabelledCache(keras.layers.Layer):
 
     def write(self, embeddings, labels, keep):
         """Appends the rows where `keep` (bool) is true, in their order. At most `size` rows per call.
-        The kept rows are moved to the front rather than selected with boolean_mask, whose output has a
-        data-dependent shape that XLA (TPUStrategy, jit_compile) cannot compile."""
+        The kept rows are moved to the front rather than selected with boolean_mask, whose output shape
+        depends on the data: XLA (TPUStrategy, jit_compile) can compile that only as a bounded dynamic
+        shape, while these shapes are static."""
         keep = tf.convert_to_tensor(keep)
         order = tf.argsort(tf.cast(tf.logical_not(keep), tf.int32), stable=True)  # kept rows first, in order
         count = tf.reduce_sum(tf.cast(keep, tf.int64))
