@@ -187,6 +187,10 @@ TRAIN_SETTINGS = (
             "Deterministic TF ops (bit-exact resume checks; slower)."),
     Setting("knn_eval", "bool", True,
             "Evaluate 1-NN and 20-NN on the test split at the end into result.json."),
+    Setting("final_linear_probe", "bool", False,
+            "Beside the final k-NN (and each --knn_baselines row), the test top-1 of the paper's linear "
+            "probe trained on the same cached centre-crop features (40 epochs; seconds on Fashion-MNIST, "
+            "long on ImageNet: use cmsf_tf.evaluate linear there)."),
     Setting("knn_baselines", "bool", False,
             "Also report k-NN of the untrained network and of raw pixels."),
     Setting("eval_batch_size", "integer", 512,

@@ -324,7 +324,7 @@ def run(cfg, log=print):
             "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log, strategy, jit_compile),
         }
         if hasattr(source, "train_images"):
-            result["baselines"]["raw_pixels"] = raw_pixel_knn(source)
+            result["baselines"]["raw_pixels"] = raw_pixel_knn(source, cfg.seed if cfg.final_linear_probe else None)
     result["wall_time_s"] = round(time.time() - started, 1)
     with open(os.path.join(cfg.model_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -337,15 +337,17 @@ def knn_evaluation(encoder, source, cfg, log, strategy, jit_compile=False):
 
     log("k-NN evaluation on the test split ...")
     features = monitor.feature_function(encoder, strategy, jit_compile)
-    result, _, _ = knn.split_knn(features, source, cfg.image_size, cfg.eval_batch_size)
+    result, _, _ = knn.split_knn(features, source, cfg.image_size, cfg.eval_batch_size,
+                                 probe_seed=cfg.seed if cfg.final_linear_probe else None)
     return result
 
 
-def raw_pixel_knn(source):
-    """Cosine k-NN on the raw pixels: the floor a learned representation has to beat."""
+def raw_pixel_knn(source, probe_seed=None):
+    """Cosine k-NN on the raw pixels: the floor a learned representation has to beat (with a `probe_seed`,
+    also the linear probe's, as split_knn)."""
     import numpy as np
 
-    from cmsf_tf.eval import knn, spectrum
+    from cmsf_tf.eval import knn, linear, spectrum
 
     def flat(images):
         x = images.reshape(len(images), -1).astype(np.float32)
@@ -355,17 +357,38 @@ def raw_pixel_knn(source):
     result = knn.knn_accuracy(index, source.train_labels, flat(source.test_images), source.test_labels,
                               ks=(1, 20), num_classes=source.num_classes)
     result["rankme"] = round(spectrum.rankme(index), 2)
+    if probe_seed is not None:
+        result["linear_top1"] = linear.cached_probe_top1(index, source.train_labels, flat(source.test_images),
+                                                         source.test_labels, source.num_classes, seed=probe_seed)
     return result
 
 
+# What each column of the printed table measures: one line under the table.
+COLUMN_NOTES = {"20-NN": "20-NN / 1-NN: the nearest training images vote", "linear": "linear: a linear classifier "
+                "on the frozen features", "RankMe": "RankMe: feature directions in use"}
+
+
 def summary_lines(result):
-    """Human-readable k-NN table of a result dict."""
+    """The printed table of a result dict: one row each for the trained network and its baselines
+    (untrained, raw pixels), columns 20-NN, 1-NN, linear (with --final_linear_probe) and RankMe on the
+    test split, and a line per column saying what it measures."""
     rows = [(f"trained ({result['method']}, {result['epochs']} epochs)", result)]
     rows += [(name.replace("_", " "), r) for name, r in result.get("baselines", {}).items()]
-    lines = [f"  {name:<30} {100 * r['knn_top1_k20']:5.1f}%  {100 * r['knn_top1_k1']:5.1f}%"
-             + (f"  {r['rankme']:7.1f}" if "rankme" in r else "")
-             for name, r in rows if "knn_top1_k20" in r]
-    return ["k-NN top-1 on the test split     20-NN    1-NN   RankMe"] + lines if lines else []
+    rows = [(name, r) for name, r in rows if "knn_top1_k20" in r]
+    if not rows:
+        return []
+    columns = [("20-NN", "knn_top1_k20", True), ("1-NN", "knn_top1_k1", True)]
+    columns += [(title, key, key == "linear_top1") for title, key in (("linear", "linear_top1"), ("RankMe", "rankme"))
+                if any(key in r for _, r in rows)]
+
+    def cell(r, key, percent):
+        if key not in r:
+            return " " * 8
+        return f"{100 * r[key]:7.1f}%" if percent else f"{r[key]:8.1f}"
+
+    lines = ["Top-1 on the test split".ljust(32) + "".join(f"{title:>8}" for title, _, _ in columns)]
+    lines += [f"  {name:<30}" + "".join(cell(r, key, percent) for _, key, percent in columns) for name, r in rows]
+    return lines + ["  " + "; ".join(COLUMN_NOTES[title] for title, _, _ in columns if title in COLUMN_NOTES) + "."]
 
 
 def main(argv):

@@ -53,6 +53,19 @@ def test_probe_reaches_100_percent_on_separable_features():
     assert acc["top1"] == 1.0 and acc["top5"] == 1.0
 
 
+def test_cached_probe_top1_is_the_last_epochs_test_accuracy_of_the_papers_probe():
+    x, y = blobs(600, 16, 5, 0.8, 4)  # overlapping classes: neither 0% nor 100%
+    xt, yt = blobs(300, 16, 5, 0.8, 5)
+    got = linear.cached_probe_top1(x, y, xt, yt, 5, seed=3, epochs=4, batch_size=64, milestones=(2,))
+    # The same probe written out: standardised by the training features, SGD over seeded batches.
+    stats = linear.standardizer(x)
+    head = linear.train_probe(linear.cached_batches(linear.standardize(x, stats), y, 64, 3), 16, 5, steps_per_epoch=10,
+                              epochs=4, milestones=(2,), seed=3)
+    expected = linear.top_k_accuracy(head.predict(linear.standardize(xt, stats)), yt, (1,))["top1"]
+    assert got == expected and 0.3 < got < 1.0
+    assert linear.cached_probe_top1(x, y, xt, np.roll(yt, 1), 5, seed=3, epochs=4, batch_size=64) < got - 0.1
+
+
 def test_probe_learning_rate_drops_at_the_milestones_and_reports_every_epoch():
     x, y = blobs(64, 4, 2, 0.3, 3)
     seen, ends = [], []

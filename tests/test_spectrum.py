@@ -50,7 +50,8 @@ def test_the_printed_table_has_a_rankme_column():
               "baselines": {"raw_pixels": {"knn_top1_k20": 0.841, "knn_top1_k1": 0.858, "rankme": 160.02},
                             "untrained": {"knn_top1_k20": 0.788, "knn_top1_k1": 0.77}}}
     assert summary_lines(result) == [
-        "k-NN top-1 on the test split     20-NN    1-NN   RankMe",
-        "  trained (msf, 10 epochs)        85.4%   83.5%     21.4",
-        "  raw pixels                      84.1%   85.8%    160.0",
-        "  untrained                       78.8%   77.0%"]
+        "Top-1 on the test split            20-NN    1-NN  RankMe",
+        "  trained (msf, 10 epochs)         85.4%   83.5%    21.4",
+        "  raw pixels                       84.1%   85.8%   160.0",
+        "  untrained                        78.8%   77.0%        ",
+        "  20-NN / 1-NN: the nearest training images vote; RankMe: feature directions in use."]

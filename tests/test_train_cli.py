@@ -468,3 +468,26 @@ def test_a_compiled_cmsf_km_run_clusters_monitors_and_evaluates_under_xla(tmp_pa
     ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
     ids = [ckpt.get_tensor(k) for k in ckpt.get_variable_to_shape_map() if "cluster_ids" in k and "OPTIMIZER" not in k]
     assert ids and ids[0].max() == 7 and ids[0].min() == -1  # 8 clusters of the seen images, -1 for the rest
+
+
+def test_the_printed_table_shows_knn_linear_probe_and_rankme_for_each_row(tmp_path, fmnist_slice):
+    """What make demo ends with, on a tiny run: rows trained / untrained / raw pixels, columns 20-NN, 1-NN,
+    linear (the probe on cached centre-crop features) and RankMe, the values those of result.json, and one
+    line saying what each column measures."""
+    model_dir = tmp_path / "run"
+    out = train(f"--data_dir={fmnist_slice}", f"--model_dir={model_dir}", "--epochs=1", "--steps_per_epoch=3",
+                "--knn_baselines", "--final_linear_probe")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((model_dir / "result.json").read_text())
+    rows = {"trained (msf, 1 epochs)": result, "untrained": result["baselines"]["untrained"],
+            "raw pixels": result["baselines"]["raw_pixels"]}
+    table = out.stdout[out.stdout.index("Top-1 on the test split"):].splitlines()
+    assert table[0].split() == ["Top-1", "on", "the", "test", "split", "20-NN", "1-NN", "linear", "RankMe"]
+    assert len(table) == 5
+    for line, (name, r) in zip(table[1:4], rows.items()):
+        assert line.startswith(f"  {name} ")
+        cells = line[len(name) + 2:].split()
+        assert cells == [f"{100 * r['knn_top1_k20']:.1f}%", f"{100 * r['knn_top1_k1']:.1f}%",
+                         f"{100 * r['linear_top1']:.1f}%", f"{r['rankme']:.1f}"], line
+        assert 0.0 < r["linear_top1"] <= 1.0
+    assert table[4].strip().startswith("20-NN / 1-NN:") and "linear:" in table[4] and "RankMe:" in table[4]

@@ -29,12 +29,14 @@ def features_and_labels(features, batches, progress=None, dim=None, names=None):
     return np.concatenate(feats, axis=0), np.concatenate(labels).astype(np.int32)
 
 
-def split_knn(features, source, image_size, batch_size, index_keep=None, query_keep=None):
+def split_knn(features, source, image_size, batch_size, index_keep=None, query_keep=None, probe_seed=None):
     """({knn_top1_k1, knn_top1_k20, rankme}, index size, query count): k-NN top-1 of a source's test
     split (the `query_keep` part of it) against its training split (the `index_keep` part), majority
     vote, exact search, and the RankMe of the index's unit-length features (eval.spectrum: how many
     directions the representation uses): the k-NN of a training run's result and of its per-epoch
-    curve. `features`: images -> [B, D]; the keep-functions as pipeline.eval_split takes them."""
+    curve. `features`: images -> [B, D]; the keep-functions as pipeline.eval_split takes them. With a
+    `probe_seed`, also `linear_top1`: the paper's linear probe trained on the same cached features
+    (eval.linear.cached_probe_top1)."""
     from cmsf_tf.data import pipeline
     from cmsf_tf.eval import spectrum
 
@@ -45,6 +47,11 @@ def split_knn(features, source, image_size, batch_size, index_keep=None, query_k
     ks = tuple(k for k in (1, 20) if k <= len(index))  # a tiny training set has no 20-NN
     result = knn_accuracy(index, index_labels, queries, query_labels, ks=ks, num_classes=source.num_classes)
     result["rankme"] = round(spectrum.rankme(index), 2)
+    if probe_seed is not None:
+        from cmsf_tf.eval import linear
+
+        result["linear_top1"] = linear.cached_probe_top1(index, index_labels, queries, query_labels, source.num_classes,
+                                                         seed=probe_seed)
     return result, len(index), len(queries)
 
 

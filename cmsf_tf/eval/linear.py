@@ -90,6 +90,18 @@ def train_probe(batches, dim, num_classes, steps_per_epoch, epochs=40, lr=0.01, 
     return head
 
 
+def cached_probe_top1(train_x, train_y, test_x, test_y, num_classes, seed=0, epochs=40, batch_size=256, lr=0.01,
+                      milestones=(15, 30), weight_decay=1e-4):
+    """Test top-1 of the paper's probe (train_probe's defaults: L2-normalised and standardised features,
+    SGD 40 epochs, lr 0.01 ÷10 at 15 and 30) trained on cached training features: the last epoch's
+    accuracy, so nothing is selected on the test split. Seconds for Fashion-MNIST's 60,000 rows."""
+    stats = standardizer(train_x)
+    steps = -(-len(train_x) // batch_size)
+    head = train_probe(cached_batches(standardize(train_x, stats), train_y, batch_size, seed), np.shape(train_x)[1],
+                       num_classes, steps, epochs, lr, 0.9, milestones, weight_decay, seed)
+    return top_k_accuracy(head.predict(standardize(test_x, stats)), test_y, (1,))["top1"]
+
+
 def _softmax_objective(params, x, onehot, l2):
     """Mean cross-entropy + l2/2 ||W||^2 (the bias unpenalised, as scikit-learn) and its gradient, for
     params = [W.ravel(), b] in float64."""
