@@ -49,6 +49,16 @@ def test_bench_step_quick_and_report(tmp_path):
     assert set(rows) == {"byol", "cmsf_2q"} and rows["cmsf_2q"]["vs_byol"] > 0
 
 
+def test_bench_step_compares_the_xla_compiled_step(tmp_path):
+    results = tmp_path / "results.json"
+    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=cmsf_pseudo", "--compare_xla",
+             f"--json={results}")
+    rows = {r["framework"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
+    assert set(rows) == {"cmsf_tf", "cmsf_tf_xla"}
+    assert all("error" not in r and r["ms"] > 0 for r in rows.values())
+    assert rows["cmsf_tf_xla"]["vs_no_xla"] == round(rows["cmsf_tf_xla"]["ms"] / rows["cmsf_tf"]["ms"], 3)
+
+
 def test_bench_kmeans_quick_and_report(tmp_path):
     results = tmp_path / "results.json"
     out = run_tool(os.path.join(TOOLS, "bench_kmeans.py"), "--n=3000", "--d=16", "--k=30", "--iters=3",
@@ -57,8 +67,8 @@ def test_bench_kmeans_quick_and_report(tmp_path):
     assert record["tool"] == "bench_kmeans" and json.loads(out.strip().splitlines()[-1]) == record
     ours = [r for r in record["rows"] if r["method"].startswith("cmsf_tf")]
     assert [r["method"] for r in ours] == ["cmsf_tf random + split (default)", "cmsf_tf random + farthest",
-                                           "cmsf_tf kmeans++ + split"]
-    assert all(r["seconds"] > 0 and r["inertia"] > 0 for r in ours)
+                                           "cmsf_tf kmeans++ + split", "cmsf_tf random + split (XLA)"]
+    assert all(r["seconds"] > 0 and r["inertia"] > 0 and r["gflop_per_s"] > 0 for r in ours)
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
     run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
