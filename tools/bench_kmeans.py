@@ -71,7 +71,7 @@ def main():
         _, ours, _ = clustering.spherical_kmeans(x, args.k, iters=args.iters, seed=0, chunk=args.chunk,
                                                  **SETTINGS[name])
         seconds = time.perf_counter() - start
-        rows.append({"method": f"cmsf_tf {name}", "seconds": round(seconds, 2), "gflop_per_s": round(flops / seconds / 1e9, 3),
+        rows.append({"method": f"cmsf_tf {name}", "seconds": round(seconds, 4), "gflop_per_s": round(flops / seconds / 1e9, 3),
                      "inertia": round(inertia(x, ours.numpy(), args.k), 1)})
     try:
         import faiss
