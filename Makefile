@@ -1,4 +1,4 @@
-# Quick start:  make demo   (train MSF on Fashion-MNIST, ~13 min on 2 CPU cores)
+# Quick start:  make demo   (train MSF on Fashion-MNIST, 12-29 min on 2 CPU cores)
 #               make test   (the test suite)
 # Both create or reuse .venv, install what is missing, and make sure Fashion-MNIST is available.
 
