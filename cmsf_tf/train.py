@@ -324,11 +324,16 @@ def run(cfg, log=print):
             "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log, strategy, jit_compile),
         }
         if hasattr(source, "train_images"):
-            result["baselines"]["raw_pixels"] = raw_pixel_knn(source, cfg.seed if cfg.final_linear_probe else None)
+            result["baselines"]["raw_pixels"] = raw_pixel_knn(source, probe_seed(cfg))
     result["wall_time_s"] = round(time.time() - started, 1)
     with open(os.path.join(cfg.model_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def probe_seed(cfg):
+    """The seed of the final linear probe, or None without --final_linear_probe (knn.split_knn's argument)."""
+    return cfg.seed if cfg.final_linear_probe else None
 
 
 def knn_evaluation(encoder, source, cfg, log, strategy, jit_compile=False):
@@ -338,7 +343,7 @@ def knn_evaluation(encoder, source, cfg, log, strategy, jit_compile=False):
     log("k-NN evaluation on the test split ...")
     features = monitor.feature_function(encoder, strategy, jit_compile)
     result, _, _ = knn.split_knn(features, source, cfg.image_size, cfg.eval_batch_size,
-                                 probe_seed=cfg.seed if cfg.final_linear_probe else None)
+                                 probe_seed=probe_seed(cfg))
     return result
 
 
