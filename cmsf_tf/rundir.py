@@ -55,6 +55,14 @@ def read_flags(path):
                           "directory") from None
 
 
+def write_flags(path, flags):
+    """Writes flags.json through a temporary file and a rename, so readers never see half of it."""
+    temporary = f"{path}.tmp.{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(flags, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
 def remove_orphans(checkpoint_dir):
     """Deletes the temporary files a save leaves when it fails or is killed; returns their names."""
     orphans = glob.glob(os.path.join(checkpoint_dir, "ckpt-*_temp*")) + glob.glob(

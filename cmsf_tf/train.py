@@ -41,14 +41,16 @@ def prepare_model_dir(cfg):
     path = cfg.model_dir
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        # One probe name per process: workers of one fleet probe the same directory at the same moment.
+        probe = os.path.join(path, f".write_test.{os.uname().nodename}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise config.UsageError(f"cannot write to --model_dir {path}: {e.strerror or e}") from None
+    chief = is_chief_process(cfg)
     try:
-        held = rundir.lock(path) if is_chief_process(cfg) else None
+        held = rundir.lock(path) if chief else None
         saved = os.path.join(path, "flags.json")
         previous = config.upgrade_flags(rundir.read_flags(saved)) if os.path.exists(saved) and os.path.isdir(
             os.path.join(path, "checkpoints")) else None
@@ -60,8 +62,9 @@ def prepare_model_dir(cfg):
                 raise config.UsageError(
                     f"--model_dir {path} holds a run with --{name}={previous[name]}, but this one asks for "
                     f"--{name}={getattr(cfg, name)}; use another --model_dir or the same flags to resume")
-    with open(saved, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    if chief:
+        # Written whole then renamed: another worker reading it meanwhile sees the old file or the new, never half.
+        rundir.write_flags(saved, cfg.to_dict())
     return held
 
 

@@ -125,3 +125,38 @@ def test_resuming_a_run_saved_under_an_old_setting_name(tmp_path):
     other = config.make(method="cmsf_pseudo", model_dir=str(run), labelled_cache_size=512, label_split="percent:10")
     with pytest.raises(config.UsageError, match="--labelled_cache_size=6144, but this one asks for --labelled_cache_size=512"):
         train.prepare_model_dir(other)
+
+
+_WORKER_PREPARES = """
+import json, os, sys
+from cmsf_tf import config, train
+index, rounds, model_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+workers = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+cfg = config.make(strategy="multi_worker", model_dir=model_dir)
+for _ in range(rounds):
+    train.prepare_model_dir(cfg)
+print("ok", train.is_chief_process(cfg))
+"""
+
+
+def test_workers_of_one_fleet_prepare_the_same_model_dir_at_once(tmp_path):
+    """Every worker of a multi-worker run proves --model_dir writable at the same moment; only the chief
+    writes flags.json (whole, through a rename). Two workers once removed each other's probe file."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "prepare.py"
+    script.write_text(_WORKER_PREPARES)
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    procs = [subprocess.Popen([sys.executable, str(script), str(index), str(rounds), str(run)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for index, rounds in ((0, 1), (1, 300), (2, 300))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-2000:]
+    assert [o[0].split() for o in outs] == [["ok", "True"], ["ok", "False"], ["ok", "False"]]
+    assert json.loads((run / "flags.json").read_text())["strategy"] == "multi_worker"
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "flags.json"]  # no probe or temporary file left
