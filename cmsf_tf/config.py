@@ -175,6 +175,10 @@ TRAIN_SETTINGS = (
             f"Compute dtype policy: {', '.join(_PRECISIONS)}.", choices=_PRECISIONS),
     Setting("seed", "integer", 0,
             "Seed of weights, data order and augmentations.", identity=True),
+    Setting("init_from", "string", "",
+            "A new run's starting weights: a run directory (its newest checkpoint) or a checkpoint prefix, "
+            "e.g. PyTorch weights converted by python -m cmsf_tf.convert from_torch. Online and target "
+            "backbones, and the projectors and predictor where it has them, start from it; ignored on resume."),
     Setting("steps_per_epoch", "integer", 0,
             "Cap on steps per epoch (0: the whole training set), for smoke runs.", minimum=0, identity=True),
     Setting("checkpoint_steps", "integer", 500,
@@ -365,6 +369,8 @@ EVAL_SETTINGS = (
     Setting("saved_model", "string", "",
             "evaluate: an exported SavedModel instead of a checkpoint (results go to "
             "--model_dir/eval/)."),
+    Setting("output", "string", "",
+            "convert to_torch: the file to write, .pth (needs PyTorch) or .safetensors."),
     Setting("export_dir", "string", "",
             "export: the SavedModel directory to write."),
     Setting("index", "string", "",

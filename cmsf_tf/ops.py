@@ -14,7 +14,7 @@ import tensorflow as tf
 # OFFICIAL_FILL_SIMILARITY.)
 DISALLOWED_PENALTY = 4.0
 # --constraint_fill=official: the paper's code sets the distance 2 - 2<t, m> of every disallowed row to
-# 5.0 (supervised/train_sup_msf.py, "set non category distances to 5"), i.e. the similarity to -1.5, so
+# 5.0 (UCDvision/CMSF supervised/train_cmsf_sup.py:190, "set non category distances to 5"), i.e. the similarity to -1.5, so
 # the fill rows of a query with fewer than k allowed rows are ties: top-k takes the lowest bank indices.
 OFFICIAL_FILL_SIMILARITY = -1.5
 FILLS = ("nearest", "official")

@@ -252,8 +252,19 @@ def run(cfg, log=print):
         latest = rundir.usable_checkpoint(checkpoint_dir, log, repair=chief)
     except rundir.RunDirError as e:
         raise config.UsageError(str(e)) from None
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+    from cmsf_tf import convert
+
+    try:
+        imported = convert.imported_checkpoint(cfg.model_dir)
+        if latest and imported and os.path.abspath(latest) == os.path.abspath(imported):
+            # A directory written by convert from_torch: its checkpoint holds weights, not a run's state.
+            convert.init_model(model, latest, log)
+        elif latest:
+            checkpoint.restore(latest).assert_existing_objects_matched()
+        elif cfg.init_from:
+            convert.init_model(model, convert.resolve_checkpoint(cfg.init_from), log)
+    except convert.ConvertError as e:
+        raise config.UsageError(f"--init_from: {e}" if not latest else str(e)) from None
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
     step = global_step(model)
     result_path = os.path.join(cfg.model_dir, "result.json")

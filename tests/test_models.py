@@ -72,3 +72,50 @@ def test_fused_batch_norm_matches_keras_in_training_mode():
     # the moving variance follows the biased batch variance, as Keras'
     want_var = 0.9 + 0.1 * x.numpy().reshape(-1, 8).var(axis=0)
     np.testing.assert_allclose(fused_out[2], want_var, rtol=1e-5)
+
+
+def test_every_layer_draws_its_own_initial_weights():
+    """torchvision initialises each layer independently. A Keras initializer fixes its seed when it is made,
+    so a single shared one gave every convolution of one shape (and every Dense of one shape) the same
+    starting weights."""
+    backbone = backbones.build_backbone("resnet18_small", 16, width=4)
+    kernels = [layer.kernel.numpy() for layer in backbone.layers if hasattr(layer, "kernel")]
+    same_shape = [(a, b) for i, a in enumerate(kernels) for b in kernels[i + 1:] if a.shape == b.shape]
+    assert len(same_shape) >= 15
+    assert not any(np.array_equal(a, b) for a, b in same_shape)
+    head, predictor = heads.mlp(32, 64, 8, name="projector"), heads.mlp(8, 64, 8, name="predictor")
+    # projector and predictor end in Dense(64 -> 8) layers of one shape
+    assert not np.array_equal(head.layers[-1].kernel.numpy(), predictor.layers[-1].kernel.numpy())
+    # fan_out kaiming: std sqrt(2 / (k * k * out)) for the 3x3 convolutions of the last stage
+    last = np.concatenate([k.ravel() for k in kernels if k.shape == (3, 3, 32, 32)])
+    assert np.std(last) == pytest.approx(np.sqrt(2.0 / (9 * 32)), rel=0.05)
+
+
+_INIT_PROGRAM = """
+import sys
+import numpy as np
+import keras
+if sys.argv[1] == "import_first":
+    from cmsf_tf.models import backbones, heads
+keras.utils.set_random_seed(3)
+from cmsf_tf.models import backbones, heads
+weights = backbones.build_backbone("resnet18_small", 16, width=4).weights + heads.mlp(32, 64, 8).weights
+print(repr([float(np.asarray(w).astype(np.float64).sum()) for w in weights]))
+"""
+
+
+def test_initial_weights_follow_the_seed_whatever_was_imported_before(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "init.py"
+    script.write_text(_INIT_PROGRAM)
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    outs = [subprocess.run([sys.executable, str(script), order], capture_output=True, text=True, timeout=300,
+                           env=env) for order in ("import_first", "seed_first", "import_first")]
+    for out in outs:
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout

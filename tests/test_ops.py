@@ -34,7 +34,7 @@ def test_nearest_neighbours_matches_reference(k):
 
 
 def test_official_fill_puts_every_disallowed_row_at_distance_five():
-    """supervised/train_sup_msf.py: Dk[disallowed] = 5.0, then topk(largest=False). With fewer than k
+    """UCDvision/CMSF supervised/train_cmsf_sup.py:190: Dk[disallowed] = 5.0, then topk(largest=False). With fewer than k
     allowed rows the fill rows tie; top-k takes the lowest indices (torch's order for ties is unspecified)."""
     t, m = unit(8, 16), unit(60, 16)
     allowed = RNG.random((8, 60)) < 0.05  # most queries have fewer than 5 allowed rows

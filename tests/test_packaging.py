@@ -24,7 +24,8 @@ def test_wheel_installs_recipes_and_console_scripts(tmp_path):
                               str(tmp_path / "site"), wheel], capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TF_CPP_MIN_LOG_LEVEL="3")
-    for script, flag in (("cmsf-train", "--method"), ("cmsf-evaluate", "--knn_k"), ("cmsf-export", "--export_dir")):
+    for script, flag in (("cmsf-train", "--method"), ("cmsf-evaluate", "--knn_k"), ("cmsf-export", "--export_dir"),
+                         ("cmsf-convert", "--init_from")):
         out = subprocess.run([os.path.join(tmp_path, "site", "bin", script), "--helpfull"], capture_output=True,
                              text=True, timeout=300, env=env, cwd=tmp_path)
         assert flag in out.stdout and "Traceback" not in out.stderr, (script, out.stderr[-2000:])  # absl's help exits 1

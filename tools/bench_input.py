@@ -89,7 +89,7 @@ def step_normalise_ms(batch=32):
 
 
 def reference_views(uint8_out):
-    """(name, weak, strong): the authors' two views (self_supervised/train_msf_2q.py, get_train_loader:
+    """(name, weak, strong): the authors' two views (UCDvision/CMSF data_loader.py:81, get_train_loader:
     torchvision's RandomResizedCrop, ColorJitter, RandomGrayscale, their own GaussianBlur class calling
     PIL's ImageFilter.GaussianBlur, RandomHorizontalFlip, ToTensor, Normalize) with torchvision if it
     imports, else the same PIL calls."""

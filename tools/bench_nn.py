@@ -11,7 +11,7 @@ to q (the part of the backward pass that the neighbour formulation decides; --no
 - cmsf_tf: one [B, K] matmul for the targets; constraints on those similarities (2Q: top-k' of t' in the
   bank of previous views, then only the B x k' candidate similarities; label/km: a mask); the loss
   gathers the k chosen rows, so the query side costs O(B k D).
-- authors (UCDvision/CMSF self_supervised/train_msf_2q.py, supervised/train_sup_msf.py, semi_supervised/
+- authors (UCDvision/CMSF self_supervised/train_cmsf_self.py, supervised/train_cmsf_sup.py, semi_supervised/
   pseudo_cmsf.py): full [B, K] distance matrices for targets and queries (Dk, Dq), the constraint as a
   B x K scatter (2Q: -5 on the k' candidates) or a masked assignment (label: distance 5 elsewhere), top-k
   on Dk, gather from Dq; 2Q also gathers the K previous views from the per-image pool every step, and

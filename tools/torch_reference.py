@@ -1,7 +1,7 @@
 """The PyTorch side of tools/bench_step.py: the same networks as cmsf_tf.models (torchvision's ResNet
 layout, the small-image stem, the width multiplier, Linear-BN-ReLU-Linear heads) and each method's train
-step written the way the authors' code writes it (UCDvision/CMSF: self_supervised/train_msf_2q.py
-ConstrainedMeanShift2Q.forward, supervised/train_sup_msf.py, semi_supervised/pseudo_cmsf.py): full
+step written the way the authors' code writes it (UCDvision/CMSF: self_supervised/train_cmsf_self.py
+ConstrainedMeanShiftSelf.forward, supervised/train_cmsf_sup.py, semi_supervised/pseudo_cmsf.py): full
 [B, K] distance matrices for targets and queries, the constraint as a B x K scatter or masked
 assignment, top-k, gather, SGD with coupled weight decay, EMA of the target in the forward pass.
 Benchmark code only: cmsf_tf never imports it.
@@ -11,75 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class Basic(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.down = None
-        if stride != 1 or cin != width:
-            self.down = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
+import torch_resnet
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        out = width * 4
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.down = None
-        if stride != 1 or cin != out:
-            self.down = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
-
-
-ARCHS = {"resnet50": (Bottleneck, (3, 4, 6, 3), False), "resnet18": (Basic, (2, 2, 2, 2), False),
-         "resnet18_small": (Basic, (2, 2, 2, 2), True)}
-
-
-class ResNet(nn.Module):
-    def __init__(self, arch, width=64):
-        super().__init__()
-        block, stages, small = ARCHS[arch]
-        if small:
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        else:
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                      nn.MaxPool2d(3, 2, 1))
-        layers, cin = [], width
-        for s, n in enumerate(stages):
-            for i in range(n):
-                layers.append(block(cin, width * 2**s, 2 if (s > 0 and i == 0) else 1))
-                cin = width * 2**s * block.expansion
-        self.layers = nn.Sequential(*layers)
-        self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        return torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)
+def ResNet(arch, width=64):
+    """The backbone: torchvision's ResNet layout (tools/torch_resnet.py) returning pooled features."""
+    return torch_resnet.ResNet(arch, width, num_classes=0)
 
 
 def mlp(cin, hidden, out):

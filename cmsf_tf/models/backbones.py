@@ -3,6 +3,11 @@
 Written out rather than taken from keras.applications because the mean-shift methods need
 synchronized BatchNorm across replicas, a small-image stem for 28-64 px inputs and a width multiplier
 for CPU-sized demos; initialisation and BatchNorm settings follow torchvision, which the paper used.
+
+Convolutions and BatchNorms are named as torchvision names their modules (`conv1`, `bn1`,
+`layer2.0.conv1`, `layer2.0.downsample.0`, ...): that name is how cmsf_tf.convert maps weights to and
+from PyTorch state_dicts, by structure rather than by the order layers happen to be created in. Names
+change no computation and no checkpoint (checkpoints address layers by their place in the model).
 """
 
 import keras
@@ -15,8 +20,17 @@ ARCHS = {
     "resnet18_small": ("basic", (2, 2, 2, 2), True),
 }
 
-# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"); BN momentum 0.1, eps 1e-5.
-_CONV_INIT = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+def _conv_init():
+    """torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), drawn independently per layer.
+
+    A new initializer per layer, made when the network is built: a Keras initializer fixes its seed when
+    it is constructed, so one shared instance gave every convolution of the same shape the same starting
+    weights (and, constructed at import time, a seed that keras.utils.set_random_seed did not govern)."""
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+# torchvision's BatchNorm: momentum 0.1 (Keras: 0.9), eps 1e-5.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 
@@ -36,24 +50,24 @@ def build_backbone(arch, image_size, channels=3, width=64, sync_bn=False, name="
 
     inputs = keras.Input((image_size, image_size, channels), name=f"{name}_images")
     if small_stem:
-        x = conv(width, 3, 1)(inputs)
-        x = keras.layers.ReLU()(bn()(x))
+        x = conv(width, 3, 1, "conv1")(inputs)
+        x = keras.layers.ReLU()(bn("bn1")(x))
     else:
-        x = conv(width, 7, 2)(inputs)
-        x = keras.layers.ReLU()(bn()(x))
+        x = conv(width, 7, 2, "conv1")(inputs)
+        x = keras.layers.ReLU()(bn("bn1")(x))
         x = keras.layers.ZeroPadding2D(1)(x)
         x = keras.layers.MaxPooling2D(3, 2)(x)
     block = _bottleneck if kind == "bottleneck" else _basic
     for stage, blocks in enumerate(stages):
         for i in range(blocks):
             stride = 2 if (stage > 0 and i == 0) else 1
-            x = block(x, width * 2**stage, stride, conv, bn)
+            x = block(x, width * 2**stage, stride, conv, bn, f"layer{stage + 1}.{i}.")
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, x, name=name)
 
 
 def _conv_factory():
-    def conv(filters, kernel, stride):
+    def conv(filters, kernel, stride, name):
         # Explicit symmetric padding reproduces PyTorch's padding=k//2 for strided convs ("same" pads
         # asymmetrically in TF).
         def apply(x):
@@ -63,7 +77,7 @@ def _conv_factory():
             else:
                 padding = "same"
             return keras.layers.Conv2D(filters, kernel, stride, padding=padding, use_bias=False,
-                                       kernel_initializer=_CONV_INIT)(x)
+                                       kernel_initializer=_conv_init(), name=name)(x)
         return apply
     return conv
 
@@ -98,29 +112,29 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
 
 def _bn_factory(sync_bn, layer=BatchNormalization):
-    def bn(gamma_zero=False):
+    def bn(name, gamma_zero=False):
         return layer(
             momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=sync_bn,
-            gamma_initializer="zeros" if gamma_zero else "ones")
+            gamma_initializer="zeros" if gamma_zero else "ones", name=name)
     return bn
 
 
-def _shortcut(x, filters, stride, conv, bn):
+def _shortcut(x, filters, stride, conv, bn, name):
     if stride == 1 and x.shape[-1] == filters:
         return x
-    return bn()(conv(filters, 1, stride)(x))
+    return bn(name + "downsample.1")(conv(filters, 1, stride, name + "downsample.0")(x))
 
 
-def _basic(x, filters, stride, conv, bn):
-    shortcut = _shortcut(x, filters, stride, conv, bn)
-    y = keras.layers.ReLU()(bn()(conv(filters, 3, stride)(x)))
-    y = bn()(conv(filters, 3, 1)(y))
+def _basic(x, filters, stride, conv, bn, name):
+    shortcut = _shortcut(x, filters, stride, conv, bn, name)
+    y = keras.layers.ReLU()(bn(name + "bn1")(conv(filters, 3, stride, name + "conv1")(x)))
+    y = bn(name + "bn2")(conv(filters, 3, 1, name + "conv2")(y))
     return keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))
 
 
-def _bottleneck(x, filters, stride, conv, bn):
-    shortcut = _shortcut(x, filters * 4, stride, conv, bn)
-    y = keras.layers.ReLU()(bn()(conv(filters, 1, 1)(x)))
-    y = keras.layers.ReLU()(bn()(conv(filters, 3, stride)(y)))  # stride on the 3x3, as torchvision
-    y = bn()(conv(filters * 4, 1, 1)(y))
+def _bottleneck(x, filters, stride, conv, bn, name):
+    shortcut = _shortcut(x, filters * 4, stride, conv, bn, name)
+    y = keras.layers.ReLU()(bn(name + "bn1")(conv(filters, 1, 1, name + "conv1")(x)))
+    y = keras.layers.ReLU()(bn(name + "bn2")(conv(filters, 3, stride, name + "conv2")(y)))  # stride on the 3x3, as torchvision
+    y = bn(name + "bn3")(conv(filters * 4, 1, 1, name + "conv3")(y))
     return keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))
