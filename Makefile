@@ -9,7 +9,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # The interpreter of the input benchmark's torchvision side (one where torchvision imports; else PIL calls).
 BENCH_REFERENCE_PYTHON ?= $(PY)
 
-.PHONY: demo test test-fast data deps bench bench-deps reproduce bazel clean-venv
+.PHONY: demo test test-fast data deps bench bench-deps reproduce parity bazel clean-venv
 
 demo: deps data
 	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg --model_dir=runs/demo
@@ -35,6 +35,12 @@ bench: deps bench-deps
 	$(PY) tools/bench_kmeans.py --json=bench/results.json
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000 --json=bench/results.json
 	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
+
+# Step parity with the authors' code: our train step of every method against its PyTorch transcription
+# (tools/parity_torch.py), 5 steps from the same weights, views and state; writes results/parity/ and the
+# golden files tests/test_parity.py checks without PyTorch. Needs torch (a test dependency). ~1 min.
+parity: deps data
+	$(PY) tools/parity.py --golden=tests/data/parity
 
 # The Fashion-MNIST study behind the README's learning-quality tables: every method, several seeds
 # (hours of CPU; resumable: run it again to continue). Writes results/fmnist/. Needs matplotlib.
