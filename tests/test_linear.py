@@ -128,3 +128,34 @@ def test_step_schedule_drops_on_the_first_step_of_a_milestone_epoch():
     schedule = linear.step_schedule(1.0, (2, 3), steps_per_epoch=4)
     lrs = [float(schedule(step)) for step in range(16)]  # the optimizer's 0-based step count
     np.testing.assert_allclose(lrs, [1.0] * 8 + [0.1] * 4 + [0.01] * 4, rtol=1e-6)
+
+
+def test_torch_sgd_follows_pytorch_across_a_learning_rate_milestone():
+    """TorchSGD (the heads' optimizer) against torch.optim.SGD with the rate divided by 10 after 4 steps,
+    fed the same gradients: the same weights; Keras' SGD (velocity = m v - lr g) is not."""
+    torch = pytest.importorskip("torch")
+    import keras
+
+    from cmsf_tf.head_training import TorchSGD, step_schedule
+
+    rng = np.random.RandomState(0)
+    start = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(10)]
+    reference = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(sgd, milestones=[2])
+    for epoch in range(5):  # 2 steps per epoch, milestone at epoch 2
+        for g in grads[2 * epoch:2 * epoch + 2]:
+            reference.grad = torch.from_numpy(g)
+            sgd.step()
+        scheduler.step()
+    want = reference.detach().numpy()
+
+    def run(optimizer):
+        w = keras.Variable(start.copy())
+        for g in grads:
+            optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), w)])
+        return np.asarray(w)
+
+    np.testing.assert_allclose(run(TorchSGD(step_schedule(0.1, [2], 2), momentum=0.9)), want, rtol=1e-5, atol=1e-6)
+    assert np.abs(run(keras.optimizers.SGD(step_schedule(0.1, [2], 2), momentum=0.9)) - want).max() > 1e-2

@@ -152,3 +152,26 @@ def make_optimizer(step, lr, momentum, weight_decay):
     # train_msf.py:338-342: SGD over the parameters that require a gradient, coupled weight decay
     return torch.optim.SGD([p for p in step.parameters() if p.requires_grad], lr=lr, momentum=momentum,
                            weight_decay=weight_decay)
+
+
+def pseudo_label_round(head, features, labels, orders, lr, milestones, batch_size, momentum=0.9, weight_decay=1e-4):
+    """One round of the pseudo-label head's training as semi_supervised/pseudo_label_train.py:10-98 runs it:
+    a new SGD per round over the head's parameters (:35-38), MultiStepLR stepped per pass (:41-43, :98),
+    the head in training mode (:16), n // batch_size batches per pass from a permutation (:52-58: the last
+    partial batch is dropped), cross-entropy (:76). `orders[epoch]` replaces torch.randperm (:55), so both
+    sides see the same batches; rows labelled -1 would become class 0 (:71-72)."""
+    optimizer = torch.optim.SGD(head.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones))
+    head.train()
+    features, labels = torch.as_tensor(features), torch.as_tensor(labels, dtype=torch.long)
+    for order in orders:
+        order = torch.as_tensor(order, dtype=torch.long)
+        for idx in range(len(features) // batch_size):
+            ids = order[idx * batch_size:(idx + 1) * batch_size]
+            target = labels[ids].clone()
+            target[target == -1] = 0
+            loss = F.cross_entropy(head(features[ids]), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from cmsf_tf.callbacks.checkpoint import global_step
-from cmsf_tf.head_training import cached_batches, step_schedule
+from cmsf_tf.head_training import TorchSGD, cached_batches, step_schedule
 
 
 def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9,
@@ -25,7 +25,7 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
     """Trains the keras `head` in place on (features, labels); returns its final-pass training top-1.
     `jit_compile`: the step compiled with XLA (one compilation per batch shape: the full and the last)."""
     steps = -(-len(features) // batch_size)
-    optimizer = keras.optimizers.SGD(step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
+    optimizer = TorchSGD(step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
                                      momentum=momentum)
     variables = head.trainable_variables
 

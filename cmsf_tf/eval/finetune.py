@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf.eval.linear import top_k_accuracy
+from cmsf_tf.head_training import TorchSGD
 
 
 def finetune(backbone, feature_dim, num_classes, batches, steps_per_epoch, epochs=20, lr=0.001, head_lr=0.01,
@@ -20,8 +21,8 @@ def finetune(backbone, feature_dim, num_classes, batches, steps_per_epoch, epoch
     head = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="finetune_head")
     head.build((None, feature_dim))
     total = max(epochs * steps_per_epoch, 1)
-    opt_backbone = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(lr, total), momentum=momentum)
-    opt_head = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(head_lr, total), momentum=momentum)
+    opt_backbone = TorchSGD(keras.optimizers.schedules.CosineDecay(lr, total), momentum=momentum)
+    opt_head = TorchSGD(keras.optimizers.schedules.CosineDecay(head_lr, total), momentum=momentum)
     body_vars, head_vars = backbone.trainable_variables, head.trainable_variables
 
     @tf.function

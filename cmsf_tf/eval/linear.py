@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf import head_training
-from cmsf_tf.head_training import step_schedule
+from cmsf_tf.head_training import TorchSGD, step_schedule
 
 cached_batches = head_training.cached_batches  # the probe's batches; shared with the pseudo-label head
 
@@ -69,7 +69,7 @@ def train_probe(batches, dim, num_classes, steps_per_epoch, epochs=40, lr=0.01, 
     the bias too). `batches(epoch)` yields (features [B, D], labels [B]) of one epoch (already
     standardised); `on_epoch_end(epoch, head)` is called after each epoch (the per-epoch test accuracy)."""
     head = LinearHead(dim, num_classes, seed)
-    optimizer = keras.optimizers.SGD(step_schedule(lr, milestones, steps_per_epoch), momentum=momentum)
+    optimizer = TorchSGD(step_schedule(lr, milestones, steps_per_epoch), momentum=momentum)
     variables = [head.w, head.b]
 
     @tf.function

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf.eval import finetune, linear
+from cmsf_tf.head_training import TorchSGD
 from cmsf_tf.models import heads
 
 
@@ -29,7 +30,7 @@ def train_and_evaluate(backbone, feature_dim, num_classes, stats, batches, test_
     keras.utils.set_random_seed(seed)
     head = heads.mlp(feature_dim, feature_dim, num_classes, name="semi_head")
     mean, std = (tf.constant(s, tf.float32) for s in stats)
-    optimizer = keras.optimizers.SGD(linear.step_schedule(lr, [m for m in milestones if 0 < m < epochs],
+    optimizer = TorchSGD(linear.step_schedule(lr, [m for m in milestones if 0 < m < epochs],
                                                           steps_per_epoch), momentum=momentum)
     variables = head.trainable_variables
 
