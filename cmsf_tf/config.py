@@ -212,6 +212,18 @@ TRAIN_SETTINGS = (
 FLAGS = flags.FLAGS
 
 
+def run_entry_point(main):
+    """What every command line (train, evaluate, export, convert) does before its main: define the flags,
+    quiet TensorFlow before it loads, and absl's log at WARNING (TF's checkpoint and SavedModel writers log
+    every file at INFO, which drowns the progress bar)."""
+    from absl import app, logging
+
+    define_flags()
+    quiet_tensorflow()
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)
+
+
 def define_flags():
     """Defines the absl flags of every setting (train, evaluate and export share one namespace, as the
     CLIs share flag names). Idempotent. Called by the entry points before absl parses the command line;

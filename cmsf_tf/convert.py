@@ -21,7 +21,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from cmsf_tf import config, weights_io
 
@@ -333,11 +333,7 @@ def main(argv):
 
 def cli():
     """The `cmsf-convert` console script: `python -m cmsf_tf.convert`."""
-    config.define_flags()
-    config.quiet_tensorflow()
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    config.run_entry_point(main)
 
 
 if __name__ == "__main__":

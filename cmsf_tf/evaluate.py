@@ -23,7 +23,6 @@ import sys
 import time
 
 import numpy as np
-from absl import app
 
 from cmsf_tf import config
 
@@ -500,11 +499,7 @@ def main(argv):
 
 def cli():
     """The `cmsf-evaluate` console script: `python -m cmsf_tf.evaluate`."""
-    config.define_flags()
-    config.quiet_tensorflow()
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    config.run_entry_point(main)
 
 
 if __name__ == "__main__":

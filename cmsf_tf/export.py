@@ -34,8 +34,6 @@ import json
 import os
 import sys
 
-from absl import app
-
 from cmsf_tf import config
 
 
@@ -255,11 +253,7 @@ def main(argv):
 
 def cli():
     """The `cmsf-export` console script: `python -m cmsf_tf.export`."""
-    config.define_flags()
-    config.quiet_tensorflow()
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)  # SavedModel writing logs every asset and shard at INFO
-    app.run(main)
+    config.run_entry_point(main)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ import tempfile
 import threading
 import time
 
-from absl import app
-
 from cmsf_tf import config
 
 
@@ -434,11 +432,7 @@ def main(argv):
 
 def cli():
     """The `cmsf-train` console script: `python -m cmsf_tf.train`."""
-    config.define_flags()
-    config.quiet_tensorflow()
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the progress bar
-    app.run(main)
+    config.run_entry_point(main)
 
 
 if __name__ == "__main__":
