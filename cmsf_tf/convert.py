@@ -177,9 +177,10 @@ def resolve_checkpoint(path):
 
 
 def init_model(model, path, log=print):
-    """Starts a new run's model from the weights in checkpoint `path` (a prefix or a run directory): each part of PARTS the model and the
-    checkpoint both have is restored; a model whose target parts the checkpoint lacks gets copies of the
-    restored online ones (as a new run's target starts). Returns (restored parts, new parts)."""
+    """Starts a new run's model from the weights in checkpoint `path` (a prefix, or a run directory: its
+    newest): each part of PARTS the model and the checkpoint both have is restored; a model whose target
+    parts the checkpoint lacks gets copies of the restored online ones (as a new run's target starts).
+    Returns (restored parts, new parts)."""
     import tensorflow as tf
 
     from cmsf_tf.eval import encoder
@@ -247,21 +248,23 @@ def from_torch(cfg, checkpoint, log=print):
             f"{cfg.width}", "online_projector": f"a {feat}-{hidden}-{dim} projector (--proj_hidden, --proj_dim)",
             "target_projector": f"a {feat}-{hidden}-{dim} projector (--proj_hidden, --proj_dim)",
             "predictor": f"a {dim}-{hidden}-{dim} predictor (--proj_hidden, --proj_dim)"}
+
+    def network(part):  # as the model (methods/base.py) builds it, under its name there
+        if part.endswith("backbone"):
+            return backbones.build_backbone(cfg.arch, cfg.image_size, 3, cfg.width, False, part)
+        return heads.mlp(dim if part == "predictor" else feat, hidden, dim, False, part)
+
     networks = {}
     for part in PARTS:
         if part in parts:
-            networks[part] = (backbones.build_backbone(cfg.arch, cfg.image_size, 3, cfg.width, False, part)
-                              if part.endswith("backbone") else
-                              heads.mlp(dim if part == "predictor" else feat, hidden, dim, False, part))
+            networks[part] = network(part)
             assign_part(networks[part], part, parts[part], checkpoint, what[part])
     # A target the checkpoint lacks is a copy of the online part, as a new run's target starts.
     for online, target in (("online_backbone", "target_backbone"), ("online_projector", "target_projector")):
         if online in networks and target not in networks:
-            copy = (backbones.build_backbone(cfg.arch, cfg.image_size, 3, cfg.width, False, target)
-                    if target.endswith("backbone") else heads.mlp(feat, hidden, dim, False, target))
-            for t, o in zip(copy.weights, networks[online].weights):
+            networks[target] = network(target)
+            for t, o in zip(networks[target].weights, networks[online].weights):
                 t.assign(o)
-            networks[target] = copy
 
     from cmsf_tf import train
 

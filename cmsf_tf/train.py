@@ -260,7 +260,7 @@ def run(cfg, log=print):
         elif latest:
             checkpoint.restore(latest).assert_existing_objects_matched()
         elif cfg.init_from:
-            convert.init_model(model, convert.resolve_checkpoint(cfg.init_from), log)
+            convert.init_model(model, cfg.init_from, log)
     except convert.ConvertError as e:
         raise config.UsageError(f"--init_from: {e}" if not latest else str(e)) from None
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
