@@ -51,7 +51,6 @@ TOLERANCE = 1e-5
 # The free-running reference: PyTorch against itself with its initial weights perturbed by this much, about
 # the difference one step leaves between the two implementations (the synchronised table: ~1e-6).
 PERTURBATION = 1e-6
-PARTS = ("online_backbone", "online_projector", "predictor", "target_backbone", "target_projector")
 
 
 def deviation(a, b):
@@ -64,8 +63,6 @@ def deviation(a, b):
 def make_data(setup=SETUP, steps=5):
     """A synthetic labelled set (structured images: a class-dependent pattern plus noise) and the first
     `steps` batches our pipeline draws from it, as NumPy."""
-    import tensorflow as tf
-
     from cmsf_tf.data import labels as labels_lib
     from cmsf_tf.data import pipeline, sources
 
@@ -83,7 +80,6 @@ def make_data(setup=SETUP, steps=5):
         ds = pipeline.train_dataset(source, global_batch=setup["batch_size"], image_size=size, seed=setup["seed"],
                                     steps_per_epoch=steps, start_epoch=0, end_epoch=1, labels=plan, blur_prob=0.5)
         batches[name] = [{k: v.numpy() for k, v in b.items()} for b in ds.take(steps)]
-    del tf
     return source, batches
 
 
@@ -298,48 +294,25 @@ def torch_target_after_ema(step):
             zip(step.encoder_t.named_parameters(), step.encoder_q.parameters())}
 
 
-def _split_torch(prefixed, part_of):
-    out = {}
-    for name, value in prefixed.items():
-        head, _, rest = name.partition(".")
-        out.setdefault(part_of[head], {})[rest] = value
-    return out
-
-
 def compare_networks(model, step, shadows, ema_target):
-    """{quantity: deviation} over the online and target networks."""
+    """{quantity: deviation} over the online and target networks: ours against expected_state, and our
+    running variances also against PyTorch's own (unbiased) ones, the named difference."""
     from cmsf_tf import convert
 
-    online = _split_torch({k: v.numpy() for k, v in step.encoder_q.state_dict().items()},
-                          {"0": "online_backbone", "1": "online_projector"})
-    online["predictor"] = {k: v.numpy() for k, v in step.predict_q.state_dict().items()}
-    target = _split_torch({k: v.numpy() for k, v in step.encoder_t.state_dict().items()},
-                          {"0": "target_backbone", "1": "target_projector"})
-    for name, value in ema_target.items():  # parameters as the next official step will see them
-        head, _, rest = name.partition(".")
-        target[{"0": "target_backbone", "1": "target_projector"}[head]][rest] = value
-    biased = {}
-    for which, module_shadow in shadows.items():
-        for name, value in module_shadow.shadow.items():
-            head, _, rest = name.partition(".")
-            part = {"online": {"0": "online_backbone", "1": "online_projector"},
-                    "target": {"0": "target_backbone", "1": "target_projector"},
-                    "predictor": None}[which]
-            part = "predictor" if part is None else part[head]
-            biased[(part, (rest if which != "predictor" else name) + ".running_var")] = value.numpy()
+    expected = expected_state(step, shadows, ema_target)
     result = {}
     for side, parts in (("online", ("online_backbone", "online_projector", "predictor")),
                         ("target", ("target_backbone", "target_projector"))):
         weights, means, variances, torch_variances = [], [], [], []
         for part in parts:
             ours = convert.torch_state_dict(getattr(model, part), part)
-            theirs = online.get(part) or target.get(part)
+            theirs, own = expected[part], _torch_module(step, part).state_dict()
             for name, value in ours.items():
                 if name.endswith("num_batches_tracked"):
                     continue
                 if name.endswith("running_var"):
-                    variances.append(deviation(value, biased[(part, name)]))
-                    torch_variances.append(deviation(value, theirs[name]))
+                    variances.append(deviation(value, theirs[name]))
+                    torch_variances.append(deviation(value, own[name].numpy()))
                 elif name.endswith("running_mean"):
                     means.append(deviation(value, theirs[name]))
                 else:
@@ -586,30 +559,29 @@ def compare_method(method, steps, batches, setup=SETUP, log=print):
             golden["sets"].append(np.stack(theirs_sets))
             golden["bank"].append(step.queue.numpy().copy())
             golden["query_labels"].append(np.asarray(details.get("query_labels", torch.zeros(0))).astype(np.int32))
-            golden["final"] = final_expectation(model, step, shadows, torch_target_after_ema(step))
+            golden["final"] = expected_state(step, shadows, torch_target_after_ema(step))
         log(f"  {method} step {i + 1}: loss ours {ours_loss:.7f} theirs {theirs_loss:.7f}")
     if method == "cmsf_pseudo":
         worst.update(compare_head_rounds(model, setup))
     return worst, {"state": state, "weights": weights, "golden": golden}
 
 
-def final_expectation(model, step, shadows, ema_target):
-    """What our networks must hold after the steps, from the PyTorch side (BatchNorm variances under the
-    biased convention): {part: torch-named state dict}."""
+def expected_state(step, shadows, ema_target):
+    """What our networks must hold, from the PyTorch side: {part: torch-named state dict}, BatchNorm running
+    variances under the biased convention (the shadows), the target's parameters as the official step will
+    use them next (after its EMA)."""
+    shadow_of = {"online_backbone": ("online", "0."), "online_projector": ("online", "1."),
+                 "predictor": ("predictor", ""), "target_backbone": ("target", "0."),
+                 "target_projector": ("target", "1.")}
     expected = {}
-    parts = {"online_backbone": (step.encoder_q[0], shadows["online"], "0."),
-             "online_projector": (step.encoder_q[1], shadows["online"], "1."),
-             "predictor": (step.predict_q, shadows["predictor"], ""),
-             "target_backbone": (step.encoder_t[0], shadows["target"], "0."),
-             "target_projector": (step.encoder_t[1], shadows["target"], "1.")}
-    for part, (module, shadow, prefix) in parts.items():
-        tensors = {k: v.numpy().copy() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for part, (which, prefix) in shadow_of.items():
+        tensors = {k: v.numpy().copy() for k, v in _torch_module(step, part).state_dict().items()
+                   if not k.endswith("num_batches_tracked")}
         for name in list(tensors):
             if name.endswith("running_var"):
-                tensors[name] = shadow.shadow[prefix + name[:-len(".running_var")]].numpy().copy()
-            full = prefix + name
-            if part.startswith("target") and full in ema_target:
-                tensors[name] = ema_target[full]
+                tensors[name] = shadows[which].shadow[prefix + name[:-len(".running_var")]].numpy().copy()
+            if part.startswith("target") and prefix + name in ema_target:
+                tensors[name] = ema_target[prefix + name]
         expected[part] = tensors
     return expected
 
