@@ -2,8 +2,8 @@
 (read with `torch.load(weights_only=True)`; torch is an optional extra), and the checkpoint layouts of the
 PyTorch code this family's weights come from (a registry: one entry per layout).
 
-A state dict here is {name: NumPy array}; `read` returns it with the layout's parts split out:
-{"online_backbone": {...torchvision names...}, "online_projector": {"0.weight": ...}, ...}.
+A state dict here is {name: NumPy array} (`read_state_dict`); `split_parts` splits it into the layout's
+parts: {"online_backbone": {...torchvision names...}, "online_projector": {"0.weight": ...}, ...}.
 """
 
 import argparse

@@ -251,11 +251,8 @@ def build_torch(method, model, state, setup=SETUP):
                                      m=setup["ema_momentum"], conf_threshold=setup["conf_threshold"])
     tensors = lambda part: {k: torch.from_numpy(v) for k, v in convert.torch_state_dict(getattr(model, part),
                                                                                         part).items()}
-    step.encoder_q[0].load_state_dict(tensors("online_backbone"))
-    step.encoder_q[1].load_state_dict(tensors("online_projector"))
-    step.encoder_t[0].load_state_dict(tensors("target_backbone"))
-    step.encoder_t[1].load_state_dict(tensors("target_projector"))
-    step.predict_q.load_state_dict(tensors("predictor"))
+    for part in _TORCH_PARTS:
+        _torch_module(step, part).load_state_dict(tensors(part))
     if method == "cmsf_pseudo":
         step.mlp_head.load_state_dict(tensors("pseudo_head"))
         step.mlp_head.eval()  # train_pseudo_cmsf.py:269
@@ -338,13 +335,17 @@ def set_differences(ours, theirs, sims):
     return differ
 
 
-_TORCH_PARTS = {"online_backbone": ("encoder_q", 0), "online_projector": ("encoder_q", 1),
-                "predictor": ("predict_q", None), "target_backbone": ("encoder_t", 0),
-                "target_projector": ("encoder_t", 1)}
+# Where each part of our model sits on the PyTorch side: (module of OfficialStep, index in it, which
+# BiasedVariance shadow tracks its BatchNorms, the prefix of its names in that shadow).
+_TORCH_PARTS = {"online_backbone": ("encoder_q", 0, "online", "0."),
+                "online_projector": ("encoder_q", 1, "online", "1."),
+                "predictor": ("predict_q", None, "predictor", ""),
+                "target_backbone": ("encoder_t", 0, "target", "0."),
+                "target_projector": ("encoder_t", 1, "target", "1.")}
 
 
 def _torch_module(step, part):
-    name, index = _TORCH_PARTS[part]
+    name, index, _, _ = _TORCH_PARTS[part]
     module = getattr(step, name)
     return module if index is None else module[index]
 
@@ -369,10 +370,7 @@ def sync_torch(step, optimizer, shadows, model, method, setup=SETUP):
                 tensors = {k: ((v - (1 - m) * q[k]) / m if not k.endswith(
                     ("running_mean", "running_var", "num_batches_tracked")) else v) for k, v in tensors.items()}
             module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
-            which = "online" if part in ("online_backbone", "online_projector") else (
-                "predictor" if part == "predictor" else "target")
-            prefix = {"online_backbone": "0.", "online_projector": "1.", "target_backbone": "0.",
-                      "target_projector": "1.", "predictor": ""}[part]
+            _, _, which, prefix = _TORCH_PARTS[part]
             for k, v in tensors.items():
                 if k.endswith("running_var"):
                     shadows[which].shadow[prefix + k[:-len(".running_var")]].copy_(torch.from_numpy(v))
@@ -570,11 +568,8 @@ def expected_state(step, shadows, ema_target):
     """What our networks must hold, from the PyTorch side: {part: torch-named state dict}, BatchNorm running
     variances under the biased convention (the shadows), the target's parameters as the official step will
     use them next (after its EMA)."""
-    shadow_of = {"online_backbone": ("online", "0."), "online_projector": ("online", "1."),
-                 "predictor": ("predictor", ""), "target_backbone": ("target", "0."),
-                 "target_projector": ("target", "1.")}
     expected = {}
-    for part, (which, prefix) in shadow_of.items():
+    for part, (_, _, which, prefix) in _TORCH_PARTS.items():
         tensors = {k: v.numpy().copy() for k, v in _torch_module(step, part).state_dict().items()
                    if not k.endswith("num_batches_tracked")}
         for name in list(tensors):
