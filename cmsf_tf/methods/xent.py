@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from cmsf_tf.data import augment
 from cmsf_tf.methods.base import TrainingPlumbing
-from cmsf_tf.models import backbones
+from cmsf_tf.models import backbones, heads
 
 
 class CrossEntropy(TrainingPlumbing, keras.Model):
@@ -36,10 +36,8 @@ class CrossEntropy(TrainingPlumbing, keras.Model):
         self.online_backbone = backbones.build_backbone(arch, image_size, channels, width, sync_bn, "online_backbone")
         feat = backbones.feature_dim(arch, width)
         # torchvision's ResNet classifier: nn.Linear default init.
-        bound = 1.0 / feat**0.5
-        self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
-            bias_initializer=keras.initializers.RandomUniform(-bound, bound), name="classifier")
+        self.classifier = keras.layers.Dense(num_classes, kernel_initializer=heads.linear_kernel_init(),
+                                             bias_initializer=heads.linear_bias_init(feat), name="classifier")
         self.classifier.build((None, feat))
         self._add_step_counter()
         self.loss_tracker = keras.metrics.Mean(name="loss")
