@@ -49,6 +49,31 @@ def test_bench_step_quick_and_report(tmp_path):
     assert set(rows) == {"byol", "cmsf_2q"} and rows["cmsf_2q"]["vs_byol"] > 0
 
 
+def test_bench_step_reports_every_fresh_process(tmp_path):
+    results = tmp_path / "results.json"
+    out = run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=msf", "--processes=2",
+                   f"--json={results}")
+    (row,) = json.loads(results.read_text().splitlines()[-1])["rows"]
+    assert row["framework"] == "cmsf_tf" and len(row["processes"]) == 2 and len(row["foreign"]) == 2
+    assert row["min_ms"] == min(row["processes"]) and row["max_ms"] == max(row["processes"])
+    assert all(v is None or 0 <= v <= 1.5 for v in row["foreign"])
+    assert out.count("process ") >= 2  # a line per process, as it finishes
+
+
+def test_process_spread_and_foreign_share():
+    sys.path.insert(0, TOOLS)
+    import bench_step
+
+    spread = bench_step.process_spread([100.0, 110.0, 120.0, 300.0])
+    assert spread == {"ms": 115.0, "min_ms": 100.0, "max_ms": 300.0, "slowest_vs_fastest": 3.0,
+                      "within_15pct_of_fastest": 2}  # 100 and 110 (<= 115)
+    # 2 cores for 10 s: the machine busy 14 CPU-seconds, 8 of them the process's own -> 6 / 20 foreign.
+    assert bench_step.foreign_share(100.0, 114.0, 8.0, 10.0, 2) == 0.3
+    assert bench_step.foreign_share(100.0, 107.0, 8.0, 10.0, 2) == 0.0  # clock-tick round-off, never negative
+    assert bench_step.foreign_share(None, 107.0, 8.0, 10.0, 2) is None
+    assert bench_step.machine_busy_seconds() is None or bench_step.machine_busy_seconds() > 0
+
+
 def test_bench_step_compares_the_xla_compiled_step(tmp_path):
     results = tmp_path / "results.json"
     run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=cmsf_pseudo", "--compare_xla",

@@ -13,12 +13,21 @@ framework leaves behind slows the other); the processes of one method take turns
 take turns, for ratios to BYOL that a slow phase of a shared machine cannot skew). Reported: median ms/step over the rounds (min-max),
 images/s, the ratio to BYOL's step of the same framework, the ratio to PyTorch, the peak RSS.
 cmsf_tf's step is Keras' train function, the one model.fit calls every step.
+
+    python tools/bench_step.py --nets=demo --methods=msf --processes=20 --intra_op=2
+
+--processes=N measures the spread between processes rather than within one: N times over, a fresh process
+per framework (the frameworks alternating), each timed over its own rounds. Every process's ms/step is
+reported, with the share of the machine's CPU that other processes used while it was timed (`foreign`,
+from /proc/stat less the process's own CPU time: 0 on a quiet machine, 0.5 when one of two cores was
+busy elsewhere), so a slow process shows whether the machine or the process was slow.
 """
 
 import argparse
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -124,8 +133,32 @@ def torch_step(method, net, threads):
 XLA = "cmsf_tf_xla"
 
 
+def machine_busy_seconds():
+    """CPU seconds the whole machine has spent busy (every core, every process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest time is inside user
+
+
+def own_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def foreign_share(busy_before, busy_after, own_seconds, wall_seconds, cores):
+    """The share of the machine's cores busy with other processes' work (or steal) during a timed stretch."""
+    if busy_before is None or busy_after is None or wall_seconds <= 0:
+        return None
+    return max(0.0, (busy_after - busy_before - own_seconds) / (wall_seconds * cores))
+
+
 def worker(conn, framework, method, net, threads):
-    """A process holding one step: answers ("run", steps) with seconds, ("rss",) with peak RSS in MB."""
+    """A process holding one step: answers ("run", steps) with (seconds per step, foreign CPU share),
+    ("rss",) with peak RSS in MB."""
     try:  # (spawn re-runs this module's top level in the child, so sys.path already holds ROOT and tools/)
         if framework == XLA:
             run = tf_step(method, net, dict(threads, jit=True))
@@ -136,9 +169,12 @@ def worker(conn, framework, method, net, threads):
         while True:
             msg = conn.recv()
             if msg[0] == "run":
-                start = time.perf_counter()
+                busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
                 run(msg[1])
-                conn.send(("time", (time.perf_counter() - start) / msg[1]))
+                wall = time.perf_counter() - start
+                foreign = foreign_share(busy, machine_busy_seconds(), own_cpu_seconds() - own, wall,
+                                        benchlib.machine()["cores"])
+                conn.send(("time", (wall / msg[1], foreign)))
             elif msg[0] == "rss":
                 conn.send(("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
             else:
@@ -148,8 +184,9 @@ def worker(conn, framework, method, net, threads):
 
 
 def measure(cases, net, rounds, steps, threads):
-    """{(framework, method): {ms, min_ms, max_ms, rss_mb} or {error}}: one process per case, all alive at
-    once, taking turns round by round (one process works at a time)."""
+    """{(framework, method): {ms, min_ms, max_ms, foreign, rss_mb} or {error}}: one process per case, all
+    alive at once, taking turns round by round (one process works at a time). `foreign`: the largest share
+    of the machine's CPU that other processes took during one of the case's rounds."""
     ctx = multiprocessing.get_context("spawn")
     procs = {}
     for fw, method in cases:
@@ -167,19 +204,22 @@ def measure(cases, net, rounds, steps, threads):
             else:
                 ready[case] = conn
         times = {case: [] for case in ready}
+        foreign = {case: [] for case in ready}
         for _ in range(rounds):
             for case, conn in ready.items():
                 conn.send(("run", steps))
                 kind, value = conn.recv()
                 if kind == "error":
                     raise RuntimeError(f"{case[0]} {case[1]}: {value}")
-                times[case].append(value)
+                times[case].append(value[0])
+                if value[1] is not None:
+                    foreign[case].append(value[1])
         for case, conn in ready.items():
             conn.send(("rss",))
             rss = conn.recv()[1]
             fastest, slowest = benchlib.spread_ms(times[case])
             results[case] = {"ms": benchlib.median_ms(times[case]), "min_ms": fastest, "max_ms": slowest,
-                             "rss_mb": rss}
+                             "foreign": round(max(foreign[case]), 3) if foreign[case] else None, "rss_mb": rss}
     finally:
         for p, conn in procs.values():
             try:
@@ -207,6 +247,9 @@ def parse(argv=None):
     parser.add_argument("--alternate_methods", action="store_true",
                         help="keep every method's process alive and let all take turns round by round (for the "
                              "ratios to BYOL; needs the memory of all at once), instead of one method after another")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="N fresh processes per framework, one after another (frameworks alternating): "
+                             "every process's ms/step and the spread between processes (0: one process each)")
     benchlib.add_common_args(parser, quick_help="the tiny network, one round of one step")
     args = parser.parse_args(argv)
     if args.quick:
@@ -221,6 +264,8 @@ def main(argv=None):
     frameworks = (["cmsf_tf"] + ([XLA] if args.compare_xla else [])
                   + (["pytorch"] if benchlib.optional_torch(args.no_torch) else []))
     threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
+    if args.processes:
+        return main_processes(args, frameworks, threads)
     rows = []
     for net_name in args.nets.split(","):
         net = NETS[net_name]
@@ -256,6 +301,54 @@ def main(argv=None):
                           + (f" {row['vs_no_xla']:9.3f}" if "vs_no_xla" in row else ""))
                 else:
                     print(f"{method:12s} {fw:11s} failed: {r['error']}")
+                rows.append(row)
+    return benchlib.emit_json("bench_step", rows, args.json, settings=vars(args),
+                              versions=benchlib.versions("tensorflow", "keras", "torch"))
+
+
+def process_spread(per_process, fastest_of=1.15):
+    """Summary of per-process ms/step: median, fastest, slowest, slowest / fastest, and how many processes
+    were within `fastest_of` times the fastest."""
+    ms = sorted(per_process)
+    return {"ms": round(statistics.median(ms), 2), "min_ms": round(ms[0], 2), "max_ms": round(ms[-1], 2),
+            "slowest_vs_fastest": round(ms[-1] / ms[0], 3),
+            "within_15pct_of_fastest": sum(v <= fastest_of * ms[0] for v in ms)}
+
+
+def main_processes(args, frameworks, threads):
+    """--processes: a fresh process per (framework, repetition); rows with every process's ms/step."""
+    rows = []
+    for net_name in args.nets.split(","):
+        net = NETS[net_name]
+        steps = args.steps or (4 if net_name == "demo" else 1)
+        for method in args.methods.split(","):
+            print(f"\n{net_name} {method}: {args.processes} fresh processes per framework, each the median of "
+                  f"{args.rounds} rounds of {steps} step(s); foreign = others' share of the CPU while timed")
+            per = {fw: [] for fw in frameworks}
+            for i in range(args.processes):
+                res = measure([(fw, method) for fw in frameworks], net, args.rounds, steps, threads)
+                cells = []
+                for fw in frameworks:
+                    r = res.get((fw, method), {"error": "no result"})
+                    if "error" in r:
+                        raise SystemExit(f"{fw} {method}: {r['error']}")
+                    per[fw].append(r)
+                    foreign = "?" if r["foreign"] is None else f"{r['foreign']:.2f}"
+                    cells.append(f"{fw} {r['ms']:7.1f} ms (foreign {foreign})")
+                print(f"  process {i + 1:2d}: " + ",  ".join(cells), flush=True)
+            torch_median = (statistics.median(r["ms"] for r in per["pytorch"]) if "pytorch" in per else None)
+            for fw in frameworks:
+                ms = [r["ms"] for r in per[fw]]
+                row = {"net": net_name, "method": method, "framework": fw, **process_spread(ms),
+                       "processes": [round(v, 2) for v in ms], "foreign": [r["foreign"] for r in per[fw]],
+                       "rss_mb": round(max(r["rss_mb"] for r in per[fw]), 1)}
+                row["images_per_s"] = round(net["batch"] / (row["ms"] / 1000), 1)
+                if torch_median and fw != "pytorch":
+                    row["vs_torch"] = round(statistics.median(ms) / torch_median, 3)
+                print(f"{fw:11s} median {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), slowest / "
+                      f"fastest {row['slowest_vs_fastest']:.3f}, {row['within_15pct_of_fastest']} of {len(ms)} "
+                      f"within 15% of the fastest" + (f", median vs torch {row['vs_torch']:.3f}" if "vs_torch" in row
+                                                       else ""))
                 rows.append(row)
     return benchlib.emit_json("bench_step", rows, args.json, settings=vars(args),
                               versions=benchlib.versions("tensorflow", "keras", "torch"))
