@@ -68,7 +68,7 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
     assert "msf_s0: 20-NN" in printed and "byol_s0" not in printed
     assert result.stat().st_mtime_ns == before
     text = readme.read_text()  # the README's block is rebuilt from the JSONs, the rest kept
-    assert text.startswith("intro\n<!-- study:start -->\nAll 9 runs are done.") and text.endswith("<!-- study:end -->\nafter\n")
+    assert text.startswith(f"intro\n<!-- study:start -->\nAll {len(reproduce_small.ROWS)} runs are done.") and text.endswith("<!-- study:end -->\nafter\n")
     assert "| msf | `fmnist_msf.cfg` | 2 |" in text and "STALE" not in text
     assert json.loads((out / "msf_s0.json").read_text())["knn_top1_k20"] == json.loads(result.read_text())["knn_top1_k20"]
 
