@@ -165,6 +165,7 @@ def worker(conn, framework, method, net, threads):
         else:
             run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
+        cores = benchlib.machine()["cores"]
         conn.send(("ready", None))
         while True:
             msg = conn.recv()
@@ -172,8 +173,7 @@ def worker(conn, framework, method, net, threads):
                 busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
                 run(msg[1])
                 wall = time.perf_counter() - start
-                foreign = foreign_share(busy, machine_busy_seconds(), own_cpu_seconds() - own, wall,
-                                        benchlib.machine()["cores"])
+                foreign = foreign_share(busy, machine_busy_seconds(), own_cpu_seconds() - own, wall, cores)
                 conn.send(("time", (wall / msg[1], foreign)))
             elif msg[0] == "rss":
                 conn.send(("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
@@ -257,6 +257,10 @@ def parse(argv=None):
     return args
 
 
+def steps_per_round(args, net_name):
+    return args.steps or (4 if net_name == "demo" else 1)
+
+
 def main(argv=None):
     args = parse(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # inherited by the workers
@@ -269,7 +273,7 @@ def main(argv=None):
     rows = []
     for net_name in args.nets.split(","):
         net = NETS[net_name]
-        steps = args.steps or (4 if net_name == "demo" else 1)
+        steps = steps_per_round(args, net_name)
         print(f"\n{net_name}: {net['arch']} width {net['width']}, {net['image_size']} px, batch {net['batch']}, "
               f"bank {net['bank_size']:,}; median of {args.rounds} rounds of {steps} step(s)")
         print(f"{'method':12s} {'framework':11s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
@@ -306,13 +310,13 @@ def main(argv=None):
                               versions=benchlib.versions("tensorflow", "keras", "torch"))
 
 
-def process_spread(per_process, fastest_of=1.15):
+def process_spread(per_process):
     """Summary of per-process ms/step: median, fastest, slowest, slowest / fastest, and how many processes
-    were within `fastest_of` times the fastest."""
+    were within 15% of the fastest."""
     ms = sorted(per_process)
     return {"ms": round(statistics.median(ms), 2), "min_ms": round(ms[0], 2), "max_ms": round(ms[-1], 2),
             "slowest_vs_fastest": round(ms[-1] / ms[0], 3),
-            "within_15pct_of_fastest": sum(v <= fastest_of * ms[0] for v in ms)}
+            "within_15pct_of_fastest": sum(v <= 1.15 * ms[0] for v in ms)}
 
 
 def main_processes(args, frameworks, threads):
@@ -320,7 +324,7 @@ def main_processes(args, frameworks, threads):
     rows = []
     for net_name in args.nets.split(","):
         net = NETS[net_name]
-        steps = args.steps or (4 if net_name == "demo" else 1)
+        steps = steps_per_round(args, net_name)
         for method in args.methods.split(","):
             print(f"\n{net_name} {method}: {args.processes} fresh processes per framework, each the median of "
                   f"{args.rounds} rounds of {steps} step(s); foreign = others' share of the CPU while timed")
@@ -336,7 +340,7 @@ def main_processes(args, frameworks, threads):
                     foreign = "?" if r["foreign"] is None else f"{r['foreign']:.2f}"
                     cells.append(f"{fw} {r['ms']:7.1f} ms (foreign {foreign})")
                 print(f"  process {i + 1:2d}: " + ",  ".join(cells), flush=True)
-            torch_median = (statistics.median(r["ms"] for r in per["pytorch"]) if "pytorch" in per else None)
+            torch_median = process_spread([r["ms"] for r in per["pytorch"]])["ms"] if "pytorch" in per else None
             for fw in frameworks:
                 ms = [r["ms"] for r in per[fw]]
                 row = {"net": net_name, "method": method, "framework": fw, **process_spread(ms),
@@ -344,7 +348,7 @@ def main_processes(args, frameworks, threads):
                        "rss_mb": round(max(r["rss_mb"] for r in per[fw]), 1)}
                 row["images_per_s"] = round(net["batch"] / (row["ms"] / 1000), 1)
                 if torch_median and fw != "pytorch":
-                    row["vs_torch"] = round(statistics.median(ms) / torch_median, 3)
+                    row["vs_torch"] = round(row["ms"] / torch_median, 3)
                 print(f"{fw:11s} median {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), slowest / "
                       f"fastest {row['slowest_vs_fastest']:.3f}, {row['within_15pct_of_fastest']} of {len(ms)} "
                       f"within 15% of the fastest" + (f", median vs torch {row['vs_torch']:.3f}" if "vs_torch" in row
