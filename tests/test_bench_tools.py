@@ -74,6 +74,28 @@ def test_process_spread_and_foreign_share():
     assert bench_step.machine_busy_seconds() is None or bench_step.machine_busy_seconds() > 0
 
 
+def test_busy_cores_take_a_core_while_the_block_runs():
+    """--busy_cores: the load the tool puts beside the timed processes is real CPU work, and it stops."""
+    import time
+
+    sys.path.insert(0, TOOLS)
+    import bench_step
+
+    if bench_step.machine_busy_seconds() is None:
+        return  # no /proc/stat: the arithmetic above is all this machine can check
+    with bench_step.BusyCores(1) as busy:
+        time.sleep(1.0)  # the spawned interpreter starting
+        before, start = bench_step.machine_busy_seconds(), time.perf_counter()
+        time.sleep(2.0)
+        used = bench_step.machine_busy_seconds() - before
+        wall = time.perf_counter() - start
+    assert used >= 0.6 * wall, (used, wall)  # about one core's worth while this process slept
+    assert not any(p.is_alive() for p in busy.procs)
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_step.py"), "--busy_cores=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--busy_cores needs --processes" in out.stderr
+
+
 def test_bench_step_compares_the_xla_compiled_step(tmp_path):
     results = tmp_path / "results.json"
     run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=cmsf_pseudo", "--compare_xla",

@@ -183,6 +183,36 @@ def worker(conn, framework, method, net, threads):
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+def busy_loop(stop):
+    """Keeps one core busy until `stop` is set: the load of another program on a shared machine."""
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+class BusyCores:
+    """`n` processes each spinning on one core while the block runs (--busy_cores)."""
+
+    def __init__(self, n):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.stop = ctx.Event()
+        self.procs = [ctx.Process(target=busy_loop, args=(self.stop,), daemon=True) for _ in range(self.n)]
+        for p in self.procs:
+            p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.procs:
+            self.stop.set()
+            for p in self.procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+        return False
+
+
 def measure(cases, net, rounds, steps, threads):
     """{(framework, method): {ms, min_ms, max_ms, foreign, rss_mb} or {error}}: one process per case, all
     alive at once, taking turns round by round (one process works at a time). `foreign`: the largest share
@@ -250,8 +280,13 @@ def parse(argv=None):
     parser.add_argument("--processes", type=int, default=0,
                         help="N fresh processes per framework, one after another (frameworks alternating): "
                              "every process's ms/step and the spread between processes (0: one process each)")
+    parser.add_argument("--busy_cores", type=int, default=0,
+                        help="with --processes: N busy-loop processes run beside the timed ones, to see what a "
+                             "core taken by other work does to each framework's step (0: none)")
     benchlib.add_common_args(parser, quick_help="the tiny network, one round of one step")
     args = parser.parse_args(argv)
+    if args.busy_cores and not args.processes:
+        parser.error("--busy_cores needs --processes")
     if args.quick:
         args.nets, args.rounds, args.steps = "tiny", 1, 1
     return args
@@ -327,10 +362,12 @@ def main_processes(args, frameworks, threads):
         steps = steps_per_round(args, net_name)
         for method in args.methods.split(","):
             print(f"\n{net_name} {method}: {args.processes} fresh processes per framework, each the median of "
-                  f"{args.rounds} rounds of {steps} step(s); foreign = others' share of the CPU while timed")
+                  f"{args.rounds} rounds of {steps} step(s); foreign = others' share of the CPU while timed"
+                  + (f"; {args.busy_cores} busy-loop process(es) beside" if args.busy_cores else ""))
             per = {fw: [] for fw in frameworks}
             for i in range(args.processes):
-                res = measure([(fw, method) for fw in frameworks], net, args.rounds, steps, threads)
+                with BusyCores(args.busy_cores):
+                    res = measure([(fw, method) for fw in frameworks], net, args.rounds, steps, threads)
                 cells = []
                 for fw in frameworks:
                     r = res.get((fw, method), {"error": "no result"})
