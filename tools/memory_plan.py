@@ -1,0 +1,245 @@
+"""Memory plan: the bytes per replica of a recipe's training state, from the model's own variables.
+
+    python tools/memory_plan.py --flagfile=flags/cmsf_2q.cfg --replicas=8 [--pool_dtype=bfloat16]
+    python tools/memory_plan.py --scale_doc=docs/scale.md      # every ImageNet recipe, the docs' table
+
+The model is built at the recipe's sizes inside a `tf.Graph`, where creating a variable only adds an
+initialiser to the graph: nothing is allocated, so the 1.28M-row pools of an ImageNet recipe are counted
+from their real shapes and dtypes in a few seconds (one source of truth: the code that trains). Under
+tf.distribute every variable here is mirrored, i.e. whole on every replica; the replica count changes
+only the per-replica batch and with it the activations and the search's temporaries, estimated from the
+same graph: the tensors of the online forward pass of one image that back-propagation keeps (the inputs
+of convolutions, matmuls and BatchNorms, the outputs of ReLUs) times the per-replica batch, and one
+B x K similarity matrix per searched bank.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from cmsf_tf import config  # noqa: E402
+
+# Training-set sizes of the data sets the recipes name, so a plan needs no data on disk.
+KNOWN_SIZES = {"tfds:imagenet2012": (1_281_167, 1000), "imagenet2012": (1_281_167, 1000),
+               "fashion_mnist": (60_000, 10), "tfds:fashion_mnist": (60_000, 10)}
+RECIPES = ["byol", "msf", "cmsf_2q", "cmsf_km", "sup", "semi10", "semi10_mixed", "xent"]
+REPLICAS = [4, 8, 64, 256]  # 4: the authors' 4 GPUs
+DEVICES_GB = [16, 32, 80]
+GB = 1e9
+
+
+def _bytes(variable):
+    import numpy as np
+    import tensorflow as tf
+
+    return int(np.prod(variable.shape, dtype=np.int64)) * tf.as_dtype(variable.dtype).size
+
+
+def _children(model):
+    """(attribute name, layer) for every Keras layer the model holds as an attribute."""
+    import keras
+
+    return [(name, value) for name, value in vars(model).items()
+            if isinstance(value, keras.layers.Layer) and not name.startswith("_") and value.weights]
+
+
+def group_state(model):
+    """{group: bytes} of every variable the model holds, each counted once, plus `optimizer (SGD momentum)`:
+    one float32 slot per variable the optimizer trains. Groups: the model's sub-layers by attribute name
+    (online_backbone, bank, pool, ...) and its own variables by name (cluster_ids, train_steps, ...)."""
+    seen, groups = set(), {}
+    for name, layer in _children(model):
+        for v in layer.weights:
+            if id(v) not in seen:
+                seen.add(id(v))
+                groups[name] = groups.get(name, 0) + _bytes(v)
+    for v in model.weights:
+        if id(v) not in seen:
+            seen.add(id(v))
+            key = v.path.split("/")[-1]
+            groups[key] = groups.get(key, 0) + _bytes(v)
+    trained = getattr(model, "online_variables", None) or model.trainable_variables
+    groups["optimizer (SGD momentum)"] = sum(_bytes(v) for v in trained)  # Keras SGD: one momentum slot each
+    return groups
+
+
+# What back-propagation keeps of a forward pass: the inputs of the ops whose gradients need them (a
+# convolution's or matmul's input for the weight gradient, BatchNorm's input for its own) and the outputs
+# of those whose gradients read the output (ReLU). Everything else (BatchNorm's output before the ReLU,
+# casts, pads) is transient.
+KEPT_INPUTS = ("Conv2D", "MatMul", "BatchMatMulV2", "FusedBatchNormV3", "DepthwiseConv2dNative")
+KEPT_OUTPUTS = ("Relu", "Relu6", "Sigmoid", "Tanh")
+
+
+def _kept_bytes(graph, since, per_image):
+    """Bytes per image of the distinct tensors the gradient of the ops created after the first `since`
+    ops keeps (KEPT_INPUTS / KEPT_OUTPUTS)."""
+    import numpy as np
+
+    kept = {}
+    for op in graph.get_operations()[since:]:
+        tensors = op.inputs[:1] if op.type in KEPT_INPUTS else op.outputs[:1] if op.type in KEPT_OUTPUTS else []
+        for t in tensors:
+            if t.dtype.is_floating and t.shape.rank is not None and t.shape.is_fully_defined():
+                kept[t.name] = int(np.prod(t.shape.as_list(), dtype=np.int64)) * t.dtype.size
+    return sum(kept.values()) // per_image
+
+
+def plan(cfg, replicas, num_images, num_classes):
+    """{"state": {group: bytes}, "activations": bytes, "search": bytes, "per_replica_batch": int, ...} per
+    replica for the run `cfg` on `replicas` replicas."""
+    import keras
+    import tensorflow as tf
+
+    from cmsf_tf.methods import METHODS
+
+    if cfg.batch_size % replicas:
+        raise config.UsageError(f"--batch_size={cfg.batch_size} does not divide over {replicas} replicas")
+    per_replica = cfg.batch_size // replicas
+    graph = tf.Graph()
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        with graph.as_default():
+            if cfg.mixed_precision != "float32":
+                keras.mixed_precision.set_global_policy(f"mixed_{cfg.mixed_precision}")
+            # sync_bn=False whatever the replicas: synchronised BatchNorm has the same variables and keeps
+            # the same input for its gradient, but as unfused ops that _kept_bytes does not look for.
+            model = METHODS[cfg.method].from_run_config(cfg, sync_bn=False, num_images=num_images,
+                                                        num_classes=num_classes)
+            state = group_state(model)
+            probe = 2  # images in the probe batch (BatchNorm's batch statistics want more than one)
+            images = tf.compat.v1.placeholder(tf.float32, [probe, cfg.image_size, cfg.image_size, 3])
+            start = len(graph.get_operations())
+            if hasattr(model, "online_prediction"):
+                model.online_prediction(images, training=True)
+            else:
+                model(images, training=True)
+            activations = _kept_bytes(graph, start, probe) * per_replica
+            searched = [v for v in model.weights if v.path.endswith("embeddings") and v.shape[0] == cfg.bank_size]
+            search = len(searched) * per_replica * cfg.bank_size * 4 if hasattr(model, "bank") else 0
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return {"method": cfg.method, "replicas": replicas, "per_replica_batch": per_replica, "state": state,
+            "activations": activations, "search": search,
+            "total": sum(state.values()) + activations + search}
+
+
+def for_replicas(result, batch_size, replicas):
+    """`result` (a plan) on `replicas` replicas instead: the state stays, the batch-sized parts scale."""
+    if batch_size % replicas:
+        raise config.UsageError(f"--batch_size={batch_size} does not divide over {replicas} replicas")
+    per_replica = batch_size // replicas
+    scale = lambda n: n // result["per_replica_batch"] * per_replica  # noqa: E731 - both are per image exactly
+    out = dict(result, replicas=replicas, per_replica_batch=per_replica, activations=scale(result["activations"]),
+               search=scale(result["search"]))
+    out["total"] = sum(out["state"].values()) + out["activations"] + out["search"]
+    return out
+
+
+def sizes(cfg):
+    if cfg.dataset in KNOWN_SIZES:
+        return KNOWN_SIZES[cfg.dataset]
+    raise config.UsageError(f"the training-set size of {cfg.dataset!r} is not known to this tool: "
+                            "pass --num_images and --num_classes")
+
+
+def report(result):
+    lines = [f"{result['method']}: {result['replicas']} replica(s), {result['per_replica_batch']} image(s) per replica; "
+             "per replica:"]
+    for name, n in sorted(result["state"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:28s} {n / GB:9.3f} GB")
+    lines.append(f"  {'activations (kept, est.)':28s} {result['activations'] / GB:9.3f} GB")
+    lines.append(f"  {'search temporaries':28s} {result['search'] / GB:9.3f} GB")
+    lines.append(f"  {'total':28s} {result['total'] / GB:9.3f} GB")
+    return "\n".join(lines)
+
+
+def _recipe_values(name):
+    """{flag: value string} of flags/<name>.cfg, an included --flagfile's first (this file's lines override)."""
+    values = {}
+    with open(os.path.join(ROOT, "flags", f"{name}.cfg")) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--flagfile="):
+                values.update(_recipe_values(os.path.splitext(os.path.basename(line.split("=", 1)[1]))[0]))
+            elif line.startswith("--") and "=" in line:
+                key, value = line[2:].split("=", 1)
+                values[key] = value
+            elif line.startswith("--no"):
+                values[line[4:]] = "false"
+            elif line.startswith("--"):
+                values[line[2:]] = "true"
+    return values
+
+
+def recipe_config(name, **overrides):
+    """The Config of flags/<name>.cfg with `overrides`."""
+    defaults = config.make()
+    typed = {}
+    for key, value in {**_recipe_values(name), **overrides}.items():
+        default = getattr(defaults, key)
+        typed[key] = value if not isinstance(value, str) else (
+            value == "true" if isinstance(default, bool) else type(default)(value))
+    return config.make(**typed)
+
+
+def scale_doc(path):
+    """docs/scale.md's table: every ImageNet recipe at REPLICAS replicas, float32 and bfloat16 pools."""
+    rows = ["| recipe | method | precision | pools | replicas | batch / replica | state GB | activations GB | search GB | "
+            "total GB | " + " | ".join(f"{d} GB" for d in DEVICES_GB) + " |",
+            "|---" * (10 + len(DEVICES_GB)) + "|"]
+    for recipe in RECIPES:
+        for pool_dtype in ("float32", "bfloat16"):
+            cfg = recipe_config(recipe, pool_dtype=pool_dtype)
+            built = plan(cfg, 1, *sizes(cfg))
+            if pool_dtype != "float32" and "pool" not in built["state"]:
+                continue  # no per-image pool: the pool's dtype changes nothing
+            for replicas in REPLICAS:
+                r = for_replicas(built, cfg.batch_size, replicas)
+                fits = ["fits" if r["total"] <= d * GB else "**no**" for d in DEVICES_GB]
+                rows.append(f"| {recipe} | {cfg.method} | {cfg.mixed_precision} | {pool_dtype} | {replicas} | {r['per_replica_batch']} | "
+                            f"{sum(r['state'].values()) / GB:.2f} | {r['activations'] / GB:.2f} | "
+                            f"{r['search'] / GB:.2f} | {r['total'] / GB:.2f} | " + " | ".join(fits) + " |")
+    table = "\n".join(rows)
+    with open(path) as f:
+        text = f.read()
+    start, end = "<!-- plan:start -->", "<!-- plan:end -->"
+    if start not in text or end not in text:
+        raise config.UsageError(f"{path} has no {start} ... {end} markers for the table")
+    head, rest = text.split(start, 1)
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    print(table)
+
+
+def main(argv):
+    del argv
+    try:
+        run_plan(flags.FLAGS)
+    except config.UsageError as e:
+        sys.exit(f"memory_plan: {e}")
+
+
+def run_plan(F):
+    if F.scale_doc:
+        return scale_doc(F.scale_doc)
+    cfg = config.from_flags()
+    num_images, num_classes = (F.num_images, F.num_classes) if F.num_images else sizes(cfg)
+    print(report(plan(cfg, F.replicas, num_images, num_classes)))
+
+
+if __name__ == "__main__":
+    config.define_flags()
+    config.quiet_tensorflow()
+    flags.DEFINE_integer("replicas", 1, "replicas the global --batch_size is split over")
+    flags.DEFINE_integer("num_images", 0, "training images (0: the known size of --dataset)")
+    flags.DEFINE_integer("num_classes", 0, "classes (with --num_images)")
+    flags.DEFINE_string("scale_doc", "", "rewrite the table between the plan markers of this Markdown file")
+    flags.FLAGS.set_default("model_dir", "-")  # a plan writes no run directory
+    app.run(main)
