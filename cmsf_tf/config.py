@@ -386,9 +386,10 @@ EVAL_SETTINGS = (
     Setting("export_dir", "string", "",
             "export: the SavedModel directory to write."),
     Setting("index", "string", "",
-            "export: train adds a ScaNN index of the training set's features and labels "
-            "(the `neighbours` and `classify` endpoints: evaluate knn's search, k and vote; "
-            "--index_split=labelled: only the labelled images).", choices=("train",)),
+            "export: train adds a k-NN index of the training set's features and labels "
+            "(the `neighbours` and `classify` endpoints: evaluate knn's k and vote; --knn_search=exact "
+            "serves with stock TensorFlow ops, approx with ScaNN's, which the loading process must "
+            "import; --index_split=labelled: only the labelled images).", choices=("train",)),
     Setting("knn_k", "list", ["1", "20"],
             "knn: numbers of neighbours."),
     Setting("knn_vote", "string", "majority",

@@ -16,8 +16,11 @@ Endpoints (the first three are also serving signatures):
   features / features_train(images: float32 in [0, 1]) -> [B, F]: the root call in inference / training
                                          mode, for keras.layers.TFSMLayer(call_endpoint="features",
                                          call_training_endpoint="features_train") to fine-tune it
-With --index=train, a k-NN classifier over the training set's features (the process that loads it must
-`import scann` first, for ScaNN's TensorFlow ops; also signatures):
+With --index=train, a k-NN classifier over the training set's features (also signatures). With
+--knn_search=exact (the default) it is stock TensorFlow: the features in a variable, searched exactly in
+chunks of 65,536 rows, so TensorFlow Serving and saved_model_cli load it as they are; with
+--knn_search=approx it is ScaNN's tree + hashing searcher, and the process that loads it must
+`import scann` first, for ScaNN's TensorFlow ops:
   neighbours(images: uint8)  -> {"ids": int64 [B, k] rows of the index, "similarities": float32 [B, k],
                                  "labels": int32 [B, k], "file_names": string [B, k] (when the data set
                                  names its images)}, most similar first
@@ -35,6 +38,10 @@ import os
 import sys
 
 from cmsf_tf import config
+
+# Index rows the served exact search reads per matmul: a call holds B x SERVE_CHUNK float32 similarities
+# (64 queries: 16 MB) however large the index.
+SERVE_CHUNK = 65536
 
 
 def portable_model(encoder):
@@ -129,6 +136,7 @@ def write_saved_model(encoder, export_dir, index=None):
     file into `export_dir`; `index` (IndexData) adds the served k-NN classifier."""
     import tensorflow as tf
 
+    from cmsf_tf import ops
     from cmsf_tf.data import augment
 
     size = encoder.image_size
@@ -183,23 +191,37 @@ def write_saved_model(encoder, export_dir, index=None):
                   "encode": root.encode}
 
     if index is not None:
-        import scann  # noqa: F401  (ScaNN's TF ops must be registered to build and save the searcher)
-        from scann.scann_ops.py import scann_ops
-
-        root.index = _scann_state(index)
         # Labels and names are variables, not graph constants: a 1.28M-row index must not bloat the graph.
         root.index_labels = tf.Variable(index.labels, trainable=False, name="index_labels")
         if index.names is not None:
             root.index_names = tf.Variable(index.names.astype(bytes), trainable=False, name="index_names")
         k, classes = index.k, index.num_classes
+        if index.search == "exact":
+            # Stock TensorFlow ops over the features held in a variable: loads wherever TensorFlow does
+            # (TensorFlow Serving, saved_model_cli), builds nothing per call, and reads the index in chunks
+            # so that a call's memory is B x SERVE_CHUNK similarities whatever the index size.
+            root.index_features = tf.Variable(index.features.astype("float32"), trainable=False,
+                                              name="index_features")
+
+            def search(queries):
+                sims, ids = ops.chunked_top_k(queries, root.index_features, k, chunk=SERVE_CHUNK)
+                return ids, sims
+        else:
+            import scann  # noqa: F401  (ScaNN's TF ops must be registered to build and save the searcher)
+            from scann.scann_ops.py import scann_ops
+
+            root.index = _scann_state(index)
+
+            def search(queries):
+                # The searcher is rebuilt from its saved state per call (ScaNN's TF ops have no persistent
+                # handle in a SavedModel): the approximate flavour needs `import scann` where it is loaded.
+                searcher = scann_ops.searcher_from_module(root.index)
+                ids, sims = searcher.search_batched(queries, final_num_neighbors=k)
+                return tf.cast(ids, tf.int64), sims
 
         def neighbours(images):
-            queries = unit_uint8(images)
-            # The searcher is rebuilt from its saved state per call (ScaNN's TF ops have no persistent
-            # handle in a SavedModel); for brute force that is one copy of the index.
-            searcher = scann_ops.searcher_from_module(root.index)
-            ids, sims = searcher.search_batched(queries, final_num_neighbors=k)
-            ids = tf.ensure_shape(tf.cast(ids, tf.int64), [None, k])
+            ids, sims = search(unit_uint8(images))
+            ids = tf.ensure_shape(ids, [None, k])
             out = {"ids": ids, "similarities": tf.ensure_shape(sims, [None, k]),
                    "labels": tf.gather(root.index_labels, ids)}
             if index.names is not None:

@@ -129,3 +129,31 @@ def pseudo_query_labels(labels, is_labelled, probabilities, threshold):
     pseudo = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
     confident = tf.reduce_max(probabilities, axis=-1) >= threshold
     return tf.where(is_labelled, tf.cast(labels, tf.int32), tf.where(confident, pseudo, -1))
+
+
+def chunked_top_k(queries, index, k, chunk=65536):
+    """(float32 [B, k] similarities, int64 [B, k] row ids) of the k index rows with the largest dot product
+    with each query, most similar first, ties to the smaller id. `index` [N, D] (N >= k; float32 or
+    bfloat16, computed in float32) is read `chunk` rows at a time, so at most B x chunk similarities exist at
+    once whatever N: the served k-NN's exact search in stock TensorFlow ops (no custom kernels to load)."""
+    queries = tf.cast(queries, tf.float32)
+    n = tf.shape(index, out_type=tf.int64)[0]
+    batch = tf.shape(queries)[0]
+
+    def body(start, best_sims, best_ids):
+        rows = tf.cast(index[start:start + chunk], tf.float32)
+        sims = tf.matmul(queries, rows, transpose_b=True)
+        sims, ids = tf.math.top_k(sims, tf.minimum(k, tf.shape(rows)[0]))
+        # The running best first: on equal similarity top_k keeps the earlier column, i.e. the smaller id.
+        cand_sims = tf.concat([best_sims, sims], axis=1)
+        cand_ids = tf.concat([best_ids, tf.cast(ids, tf.int64) + start], axis=1)
+        best_sims, pos = tf.math.top_k(cand_sims, k)
+        return start + chunk, best_sims, tf.gather(cand_ids, pos, batch_dims=1)
+
+    start = tf.constant(0, tf.int64)
+    best_sims = tf.fill([batch, k], tf.constant(-float("inf"), tf.float32))
+    best_ids = tf.fill([batch, k], tf.constant(-1, tf.int64))
+    _, sims, ids = tf.while_loop(lambda s, *_: s < n, body, (start, best_sims, best_ids),
+                                 shape_invariants=(start.shape, tf.TensorShape([None, k]),
+                                                   tf.TensorShape([None, k])))
+    return sims, ids

@@ -31,7 +31,6 @@ def export_dir(run_dir, tmp_path_factory):
 LOADER = r"""
 import json, sys
 import numpy as np, tensorflow as tf, keras
-import scann  # registers ScaNN's TF ops, which the served index needs
 export_dir, data = sys.argv[1], np.load(sys.argv[2])
 rgb01 = lambda x: tf.image.grayscale_to_rgb(tf.constant(x, tf.float32) / 255.0)
 test01, train01 = rgb01(data["test"]), rgb01(data["train"])
@@ -95,6 +94,7 @@ for step in range(16):
 out["tf_loss"] = losses
 out["tf_moved"] = max(float(np.abs(v.numpy() - b).max()) for v, b in zip(loaded.trainable_variables, before))
 out["imported_cmsf_tf"] = any(name.startswith("cmsf_tf") for name in sys.modules)
+out["imported_scann"] = any(name.startswith("scann") for name in sys.modules)
 print(json.dumps(out))
 """
 
@@ -111,6 +111,8 @@ def test_exports_load_fine_tune_and_classify_without_cmsf_tf(run_dir, export_dir
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert not got["imported_cmsf_tf"]
+    assert not got["imported_scann"]  # the exact index is stock TensorFlow: nothing else to load
+
 
     # Same features as the checkpoint's backbone on the evaluation view (28 px images: normalised only).
     import tensorflow as tf
@@ -170,10 +172,21 @@ def test_exports_load_fine_tune_and_classify_without_cmsf_tf(run_dir, export_dir
 def test_served_index_of_the_labelled_subset_and_bad_index_flags(run_dir, tmp_path):
     d = tmp_path / "labelled"
     out = run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={d}", "--index=train",
-                  "--index_split=labelled", "--knn_k=1,5", "--knn_vote=weighted")
+                  "--index_split=labelled", "--knn_k=1,5", "--knn_vote=weighted", "--knn_search=approx")
     assert out.returncode == 0, out.stderr[-3000:]
     meta = json.loads((d / "assets" / "cmsf_export.json").read_text())["index"]
-    assert meta["size"] == 128 and meta["k"] == 5 and meta["vote"] == "weighted"
+    assert meta["size"] == 128 and meta["k"] == 5 and meta["vote"] == "weighted" and meta["search"] == "approx"
+    # The ScaNN flavour: served by ScaNN's TF ops, which the loading process registers with `import scann`.
+    load = ("import sys, numpy as np, tensorflow as tf, scann\n"
+            "m = tf.saved_model.load(sys.argv[1])\n"
+            "found = m.neighbours(tf.zeros([3, 28, 28, 3], tf.uint8))\n"
+            "ids = found['ids'].numpy()\n"
+            "assert ids.shape == (3, 5) and ids.min() >= 0 and ids.max() < 128, ids\n"
+            "assert m.classify(tf.zeros([3, 28, 28, 3], tf.uint8))['label'].shape == (3,)\n"
+            "print('served')\n")
+    served = subprocess.run([sys.executable, "-c", load, str(d)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert served.returncode == 0 and "served" in served.stdout, served.stderr[-3000:]
     assert meta["subset"] == "labelled:percent:25"
     assert_one_sentence_error(run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={tmp_path / 'x'}",
                                       "--index=test"), "unknown --index 'test'; choose one of: train")

@@ -196,3 +196,33 @@ def test_rank_histogram_metric_counts_and_mean():
     assert float(metric.result()) == pytest.approx((0 + 1 + 3 + 20 + 1 + 7) / 6)
     metric.reset_state()
     assert metric.counts().sum() == 0 and float(metric.result()) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 20, 64])
+def test_chunked_top_k_is_the_exact_search_in_any_chunking(chunk):
+    """Against a stable NumPy sort of the full similarity matrix: the same ids (ties to the smaller id,
+    including rows duplicated across chunk borders) and similarities, for chunks that do not divide N."""
+    rng = np.random.default_rng(chunk)
+    index = rng.normal(size=(20, 6)).astype(np.float32)
+    index[11] = index[2]  # exact ties, in different chunks for most chunk sizes
+    index[19] = index[2]
+    queries = np.concatenate([rng.normal(size=(4, 6)), index[2:3]]).astype(np.float32)
+    sims = queries @ index.T
+    want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    got_sims, got_ids = tf.function(lambda q: ops.chunked_top_k(q, tf.constant(index), 5, chunk=chunk))(queries)
+    np.testing.assert_array_equal(got_ids.numpy(), want)
+    np.testing.assert_allclose(got_sims.numpy(), np.take_along_axis(sims, want, 1), rtol=1e-6, atol=1e-6)
+    assert got_ids.dtype == tf.int64 and got_sims.dtype == tf.float32
+
+
+def test_chunked_top_k_bfloat16_index_and_empty_batch():
+    rng = np.random.default_rng(0)
+    index = rng.normal(size=(30, 8)).astype(np.float32)
+    rounded = tf.cast(tf.constant(index), tf.bfloat16)
+    queries = rng.normal(size=(3, 8)).astype(np.float32)
+    sims = queries @ tf.cast(rounded, tf.float32).numpy().T  # the bfloat16 rows, compared in float32
+    got_sims, got_ids = ops.chunked_top_k(queries, rounded, 4, chunk=8)
+    np.testing.assert_array_equal(got_ids.numpy(), np.argsort(-sims, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(got_sims.numpy(), np.sort(sims, axis=1)[:, ::-1][:, :4], rtol=1e-6, atol=1e-6)
+    empty_sims, empty_ids = ops.chunked_top_k(np.zeros((0, 8), np.float32), rounded, 4, chunk=8)
+    assert empty_sims.shape == (0, 4) and empty_ids.shape == (0, 4)
