@@ -228,13 +228,15 @@ def define_flags():
     """Defines the absl flags of every setting (train, evaluate and export share one namespace, as the
     CLIs share flag names). Idempotent. Called by the entry points before absl parses the command line;
     --model_dir is required there."""
+    first_call = "model_dir" not in FLAGS
     for setting in TRAIN_SETTINGS + EVAL_SETTINGS:
         if setting.name not in FLAGS:
             getattr(flags, f"DEFINE_{setting.kind}")(setting.name, setting.default, setting.help)
     for old, new in RENAMED.items():
         if old not in FLAGS:
             flags.DEFINE_alias(old, new)
-    flags.mark_flag_as_required("model_dir")
+    if first_call:  # one validator, not one more per call
+        flags.mark_flag_as_required("model_dir")
 
 
 # Settings renamed since: old name -> new name. The old flag stays an alias; a run directory written

@@ -82,3 +82,12 @@ def test_cli_plans_an_imagenet_recipe_without_its_data(tmp_path):
     # 1,281,167 images x 2 slots x 512 float32, and an int32 write count per image: 5.25 GB on every replica
     assert abs(float(pool.split()[1]) - 1_281_167 * (2 * 512 * 4 + 4) / 1e9) < 0.001
     assert "32 image(s) per replica" in out.stdout
+
+
+def test_recipe_config_reads_a_recipe_as_train_does():
+    """--scale_doc's recipes: nested --flagfile lines resolved, this file's lines and the overrides last."""
+    cfg = memory_plan.recipe_config("semi10_mixed", pool_dtype="bfloat16")
+    assert (cfg.method, cfg.dataset, cfg.arch) == ("cmsf_pseudo", "tfds:imagenet2012", "resnet50")  # semi10.cfg
+    assert (cfg.mixed_precision, cfg.batch_size, cfg.bank_size) == ("float16", 768, 128256)  # its own lines
+    assert cfg.pool_dtype == "bfloat16"
+    assert memory_plan.recipe_config("msf").mixed_precision == "float32"  # nothing carried over between recipes

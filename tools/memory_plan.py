@@ -99,9 +99,7 @@ def plan(cfg, replicas, num_images, num_classes):
 
     from cmsf_tf.methods import METHODS
 
-    if cfg.batch_size % replicas:
-        raise config.UsageError(f"--batch_size={cfg.batch_size} does not divide over {replicas} replicas")
-    per_replica = cfg.batch_size // replicas
+    per_image = {}
     graph = tf.Graph()
     previous_policy = keras.mixed_precision.global_policy()
     try:
@@ -120,14 +118,14 @@ def plan(cfg, replicas, num_images, num_classes):
                 model.online_prediction(images, training=True)
             else:
                 model(images, training=True)
-            activations = _kept_bytes(graph, start, probe) * per_replica
+            per_image["activations"] = _kept_bytes(graph, start, probe)
             searched = [v for v in model.weights if v.path.endswith("embeddings") and v.shape[0] == cfg.bank_size]
-            search = len(searched) * per_replica * cfg.bank_size * 4 if hasattr(model, "bank") else 0
+            per_image["search"] = len(searched) * cfg.bank_size * 4 if hasattr(model, "bank") else 0
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-    return {"method": cfg.method, "replicas": replicas, "per_replica_batch": per_replica, "state": state,
-            "activations": activations, "search": search,
-            "total": sum(state.values()) + activations + search}
+    one_image = {"method": cfg.method, "replicas": cfg.batch_size, "per_replica_batch": 1, "state": state,
+                 **per_image}
+    return for_replicas(one_image, cfg.batch_size, replicas)
 
 
 def for_replicas(result, batch_size, replicas):
@@ -135,7 +133,7 @@ def for_replicas(result, batch_size, replicas):
     if batch_size % replicas:
         raise config.UsageError(f"--batch_size={batch_size} does not divide over {replicas} replicas")
     per_replica = batch_size // replicas
-    scale = lambda n: n // result["per_replica_batch"] * per_replica  # noqa: E731 - both are per image exactly
+    scale = lambda n: n // result["per_replica_batch"] * per_replica  # noqa: E731 - whole bytes per image
     out = dict(result, replicas=replicas, per_replica_batch=per_replica, activations=scale(result["activations"]),
                search=scale(result["search"]))
     out["total"] = sum(out["state"].values()) + out["activations"] + out["search"]
@@ -160,33 +158,21 @@ def report(result):
     return "\n".join(lines)
 
 
-def _recipe_values(name):
-    """{flag: value string} of flags/<name>.cfg, an included --flagfile's first (this file's lines override)."""
-    values = {}
-    with open(os.path.join(ROOT, "flags", f"{name}.cfg")) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--flagfile="):
-                values.update(_recipe_values(os.path.splitext(os.path.basename(line.split("=", 1)[1]))[0]))
-            elif line.startswith("--") and "=" in line:
-                key, value = line[2:].split("=", 1)
-                values[key] = value
-            elif line.startswith("--no"):
-                values[line[4:]] = "false"
-            elif line.startswith("--"):
-                values[line[2:]] = "true"
-    return values
-
-
 def recipe_config(name, **overrides):
-    """The Config of flags/<name>.cfg with `overrides`."""
-    defaults = config.make()
-    typed = {}
-    for key, value in {**_recipe_values(name), **overrides}.items():
-        default = getattr(defaults, key)
-        typed[key] = value if not isinstance(value, str) else (
-            value == "true" if isinstance(default, bool) else type(default)(value))
-    return config.make(**typed)
+    """The Config of flags/<name>.cfg with `overrides` (flag name -> value), parsed by absl as `train` parses
+    it (nested --flagfile lines are relative to the checkout, hence the directory change while parsing)."""
+    config.define_flags()
+    argv = ["memory_plan", f"--flagfile=flags/{name}.cfg", "--model_dir=-",
+            *(f"--{key}={value}" for key, value in overrides.items())]
+    cwd = os.getcwd()
+    flags.FLAGS.unparse_flags()
+    try:
+        os.chdir(ROOT)
+        flags.FLAGS(argv)
+        return config.from_flags()
+    finally:
+        os.chdir(cwd)
+        flags.FLAGS.unparse_flags()
 
 
 def scale_doc(path):
