@@ -18,7 +18,8 @@ Endpoints (the first three are also serving signatures):
                                          call_training_endpoint="features_train") to fine-tune it
 With --index=train, a k-NN classifier over the training set's features (also signatures). With
 --knn_search=exact (the default) it is stock TensorFlow: the features in a variable, searched exactly in
-chunks of 65,536 rows, so TensorFlow Serving and saved_model_cli load it as they are; with
+chunks of 65,536 rows, so tf.saved_model.load serves it without scann (the TF1 session loader of
+saved_model_cli does not load this SavedModel's backbone variables: a known gap); with
 --knn_search=approx it is ScaNN's tree + hashing searcher, and the process that loads it must
 `import scann` first, for ScaNN's TensorFlow ops:
   neighbours(images: uint8)  -> {"ids": int64 [B, k] rows of the index, "similarities": float32 [B, k],
@@ -197,8 +198,8 @@ def write_saved_model(encoder, export_dir, index=None):
             root.index_names = tf.Variable(index.names.astype(bytes), trainable=False, name="index_names")
         k, classes = index.k, index.num_classes
         if index.search == "exact":
-            # Stock TensorFlow ops over the features held in a variable: loads wherever TensorFlow does
-            # (TensorFlow Serving, saved_model_cli), builds nothing per call, and reads the index in chunks
+            # Stock TensorFlow ops over the features held in a variable: no custom ops to register where it
+            # is loaded, nothing built per call, and the index read in chunks
             # so that a call's memory is B x SERVE_CHUNK similarities whatever the index size.
             root.index_features = tf.Variable(index.features.astype("float32"), trainable=False,
                                               name="index_features")

@@ -113,7 +113,6 @@ def test_exports_load_fine_tune_and_classify_without_cmsf_tf(run_dir, export_dir
     assert not got["imported_cmsf_tf"]
     assert not got["imported_scann"]  # the exact index is stock TensorFlow: nothing else to load
 
-
     # Same features as the checkpoint's backbone on the evaluation view (28 px images: normalised only).
     import tensorflow as tf
 
