@@ -102,18 +102,19 @@ class Interrupted(Exception):
 
 
 @contextlib.contextmanager
-def stop_signals(saver, log):
-    """SIGTERM (schedulers, `kill`) and Ctrl-C ask `saver` to save at the next step boundary and stop;
-    a second Ctrl-C stops at once (the newest checkpoint stays the last one saved)."""
+def stop_signals(stopper, log):
+    """SIGTERM (schedulers, `kill`) and Ctrl-C ask `stopper` (the CheckpointSaver, or under multi-worker
+    the CoordinatedStop that tells every worker) to save at the next step boundary and stop; a second
+    Ctrl-C stops at once (the newest checkpoint stays the last one saved)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
     def handle(signum, frame):
-        if saver.stop_reason is not None and signum == signal.SIGINT:
+        if stopper.stop_reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        saver.request_stop(names[signum])
+        stopper.request_stop(names[signum])
         log(f"{names[signum]}: saving a checkpoint at the next step and stopping (Ctrl-C again: stop now)")
 
     previous = {sig: signal.signal(sig, handle) for sig in names}
@@ -285,6 +286,12 @@ def run(cfg, log=print):
                                                         logdir=logdir if chief else None, log=log,
                                                         jit_compile=jit_compile)
     callbacks.append(saver)
+    stopper = saver
+    if distribute.is_multi_worker(strategy):  # right after the saver: the step's work is done when it saves
+        from cmsf_tf.callbacks.preemption import CoordinatedStop
+
+        stopper = CoordinatedStop(strategy.cluster_resolver, saver)
+        callbacks.append(stopper)
     if chief and cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
         callbacks.append(monitor.KnnMonitor(
             cfg.knn_every, sources.knn_source(source), cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
@@ -298,9 +305,20 @@ def run(cfg, log=print):
         callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
 
     train_started, first_step = time.time(), step
-    with stop_signals(saver, log):
-        step = fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, steps_per_epoch, total_steps,
-                          checkpoint_dir)
+    from cmsf_tf.callbacks.preemption import Preempted
+
+    try:
+        with stop_signals(stopper, log):
+            step = fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, steps_per_epoch,
+                              total_steps, checkpoint_dir)
+    except Preempted as e:
+        reason = stopper.stop_reason or "another worker's stop (SIGTERM or Ctrl-C)"
+        log(f"stopped by {reason}: every worker saved step {e.args[0]} of {total_steps} "
+            f"({tf.train.latest_checkpoint(checkpoint_dir)}); run the same command on every worker to resume")
+        raise Interrupted(stopper.stop_reason or "SIGTERM") from None
+    finally:
+        if stopper is not saver:
+            stopper.close()
     train_seconds = time.time() - train_started
 
     if saver.stop_reason:

@@ -64,7 +64,8 @@ class CheckpointSaver(keras.callbacks.Callback):
     def request_stop(self, reason):
         self.stop_reason = reason
 
-    def _save(self):
+    def save_now(self):
+        """Saves the state of the current step (once per step)."""
         from cmsf_tf import rundir
 
         step = global_step(self.model)
@@ -87,11 +88,11 @@ class CheckpointSaver(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)
         if self.every and step % self.every == 0:
-            self._save()
+            self.save_now()
         if (self.stop_after and step >= self.stop_after) or self.stop_reason:
-            self._save()
+            self.save_now()
             self.stopped_early = True
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save()
+        self.save_now()
