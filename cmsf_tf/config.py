@@ -392,6 +392,10 @@ EVAL_SETTINGS = (
             "(the `neighbours` and `classify` endpoints: evaluate knn's k and vote; --knn_search=exact "
             "serves with stock TensorFlow ops, approx with ScaNN's, which the loading process must "
             "import; --index_split=labelled: only the labelled images).", choices=("train",)),
+    Setting("index_dtype", "string", "float32",
+            "export: the dtype the exact index's features are stored in (bfloat16: half the bytes; each "
+            "similarity is then exact to ~3 significant digits, so near-tied neighbours may swap).",
+            choices=("float32", "bfloat16")),
     Setting("knn_k", "list", ["1", "20"],
             "knn: numbers of neighbours."),
     Setting("knn_vote", "string", "majority",
@@ -605,14 +609,18 @@ class ExportConfig:
     export_dir: str
     index: str
     knn: object = None  # with --index: the EvalConfig of evaluate knn (data, k, vote, search, index split)
+    index_dtype: str = "float32"
 
 
 def export_from_flags():
     cfg = ExportConfig(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.export_dir, FLAGS.index,
-                       eval_from_flags("knn") if FLAGS.index else None)
+                       eval_from_flags("knn") if FLAGS.index else None, FLAGS.index_dtype)
     _EVAL["encoder"].check(cfg.encoder)
+    _EVAL["index_dtype"].check(cfg.index_dtype)
     if cfg.index:
         _EVAL["index"].check(cfg.index)
+    if cfg.index_dtype != "float32" and (not cfg.index or cfg.knn.knn_search != "exact"):
+        raise UsageError("--index_dtype applies to the exact index only (--index=train --knn_search=exact)")
     if not cfg.export_dir:
         raise UsageError("--export_dir is required: where to write the SavedModel")
     return cfg

@@ -18,8 +18,8 @@ Endpoints (the first three are also serving signatures):
                                          call_training_endpoint="features_train") to fine-tune it
 With --index=train, a k-NN classifier over the training set's features (also signatures). With
 --knn_search=exact (the default) it is stock TensorFlow: the features in a variable, searched exactly in
-chunks of 65,536 rows, so tf.saved_model.load serves it without scann (the TF1 session loader of
-saved_model_cli does not load this SavedModel's backbone variables: a known gap); with
+chunks of 65,536 rows, so tf.saved_model.load, saved_model_cli run and TF Serving serve it without
+scann; with
 --knn_search=approx it is ScaNN's tree + hashing searcher, and the process that loads it must
 `import scann` first, for ScaNN's TensorFlow ops:
   neighbours(images: uint8)  -> {"ids": int64 [B, k] rows of the index, "similarities": float32 [B, k],
@@ -66,10 +66,10 @@ def portable_model(encoder):
 class IndexData:
     """The training-set side of the served k-NN classifier: unit features, labels, optional names."""
 
-    def __init__(self, features, labels, names, num_classes, k, vote, temperature, search, subset):
+    def __init__(self, features, labels, names, num_classes, k, vote, temperature, search, subset, dtype="float32"):
         self.features, self.labels, self.names = features, labels, names
         self.num_classes, self.k, self.vote, self.temperature = num_classes, k, vote, temperature
-        self.search, self.subset = search, subset
+        self.search, self.subset, self.dtype = search, subset, dtype
 
 
 def index_data(encoder, knn_cfg, log=print):
@@ -162,6 +162,11 @@ def write_saved_model(encoder, export_dir, index=None):
     root.variables = list(model.variables)
     root.trainable_variables = list(model.trainable_variables)
     root.regularization_losses = []
+    # The tf.Variables under the Keras variables, tracked as themselves: TensorFlow's TF1 session loader
+    # (saved_model_cli run, TF Serving's C++ loader) restores only plain tf.Variables it reaches in the
+    # object graph, and without these fails on the first BatchNorm statistic ("Could not find variable
+    # bn1/moving_mean"); tf.saved_model.load reads them either way.
+    root.graph_variables = [v.value for v in model.variables]
 
     @tf.function
     def call(images, training=False):
@@ -201,7 +206,7 @@ def write_saved_model(encoder, export_dir, index=None):
             # Stock TensorFlow ops over the features held in a variable: no custom ops to register where it
             # is loaded, nothing built per call, and the index read in chunks
             # so that a call's memory is B x SERVE_CHUNK similarities whatever the index size.
-            root.index_features = tf.Variable(index.features.astype("float32"), trainable=False,
+            root.index_features = tf.Variable(tf.cast(index.features, index.dtype), trainable=False,
                                               name="index_features")
 
             def search(queries):
@@ -246,7 +251,8 @@ def write_saved_model(encoder, export_dir, index=None):
                       "serve, neighbours, classify: uint8; encode: ImageNet-normalised float32"}
     if index is not None:
         meta["index"] = {"size": int(len(index.features)), "k": index.k, "vote": index.vote,
-                         "temperature": index.temperature, "search": index.search, "subset": index.subset,
+                         "temperature": index.temperature, "search": index.search, "dtype": index.dtype,
+                         "subset": index.subset,
                          "num_classes": index.num_classes, "file_names": index.names is not None}
     os.makedirs(os.path.join(export_dir, "assets"), exist_ok=True)
     with open(os.path.join(export_dir, "assets", "cmsf_export.json"), "w") as f:
@@ -265,6 +271,8 @@ def main(argv):
         if os.path.exists(cfg.export_dir) and os.listdir(cfg.export_dir):
             raise config.UsageError(f"--export_dir {cfg.export_dir} exists and is not empty")
         index = index_data(enc, cfg.knn, lambda m: print(m, file=sys.stderr, flush=True)) if cfg.index else None
+        if index is not None:
+            index.dtype = cfg.index_dtype
         write_saved_model(enc, cfg.export_dir, index)
     except (config.UsageError, encoders.EncoderError) as e:
         print(f"error: {e}", file=sys.stderr)

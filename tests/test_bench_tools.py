@@ -154,3 +154,19 @@ def test_profile_step_quick(tmp_path):
     assert parts["online network + gradient"]["ms_per_step"] > 0 and parts["target network"]["ms_per_step"] > 0
     assert abs(sum(r["share"] for r in record["rows"]) - 1) < 0.01
     assert any(op["op"].endswith("Conv2D") for op in record["op_types"])
+
+
+def test_bench_serving_quick_and_its_page(tmp_path):
+    results, page = tmp_path / "serving.json", tmp_path / "serving.md"
+    run_tool(os.path.join(TOOLS, "bench_serving.py"), "--sizes=100,300", "--batches=1,4", "--calls=3", "--width=4",
+             f"--json={results}", f"--doc={page}")
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["tool"] == "bench_serving" and record["feature_dim"] == 32
+    assert {(r["index"], r["signature"], r["batch"]) for r in record["rows"]} == {
+        (n, s, b) for n in (100, 300) for s in ("serve", "classify", "neighbours") for b in (1, 4)}
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["calls"] == 3 for r in record["rows"])
+    summary = record["summary"]
+    assert summary["size_ratio"] == 3.0 and set(summary["search_ms_b4"]) == {"100", "300"}
+    assert summary["classify_over_serve_b4_100"] > 0
+    text = page.read_text()
+    assert "| 300 | classify | 4 |" in text and "classify / serve at batch 4, 100 rows" in text

@@ -165,6 +165,7 @@ def test_exports_load_fine_tune_and_classify_without_cmsf_tf(run_dir, export_dir
 
     meta = json.loads((export_dir / "assets" / "cmsf_export.json").read_text())
     assert meta["index"] == {"size": 512, "k": 20, "vote": "majority", "temperature": 0.07, "search": "exact",
+                             "dtype": "float32",
                              "subset": "all", "num_classes": 10, "file_names": False}
 
 
@@ -214,3 +215,59 @@ def test_vote_and_tie_rule_match_evaluate_knn():
     np.testing.assert_allclose(weighted, knn.weighted_vote_counts(labels, sims, 4, 0.07), rtol=1e-5)
     tied = tf.constant([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 5.0]])
     assert export.first_argmax(tied).numpy().tolist() == [1, 0, 3]
+
+
+def test_the_tf1_session_loader_serves_the_backbone_and_the_classifier(export_dir, tmp_path, fmnist_full):
+    """saved_model_cli run loads the SavedModel as TensorFlow Serving's C++ loader does (a TF1 session that
+    restores the variables it finds in the object graph): features and k-NN answers equal tf.saved_model.load's."""
+    import tensorflow as tf
+
+    images = np.repeat(fmnist_full.test_images[:16], 3, axis=-1)
+    np.save(tmp_path / "images.npy", images)
+    loaded = tf.saved_model.load(str(export_dir))
+    for signature, keys in (("serve", ("features",)), ("classify", ("label", "scores")),
+                            ("neighbours", ("ids", "similarities", "labels"))):
+        outdir = tmp_path / signature
+        done = subprocess.run(
+            [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", f"--dir={export_dir}",
+             "--tag_set=serve", f"--signature_def={signature}", f"--inputs=images={tmp_path / 'images.npy'}",
+             f"--outdir={outdir}"], capture_output=True, text=True, timeout=600,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        want = {k: v.numpy() for k, v in loaded.signatures[signature](images=tf.constant(images)).items()}
+        got = {key: np.load(outdir / f"{key}.npy") for key in keys}
+        for key in keys:
+            if key in ("ids", "labels"):
+                # The two loaders' round-off may order two neighbours of equal similarity (1e-7 apart) either
+                # way: the same neighbours, each row's list a permutation of the other's.
+                np.testing.assert_array_equal(np.sort(got[key], 1), np.sort(want[key], 1), err_msg=key)
+                assert np.mean(got[key] != want[key]) < 0.02, key
+            else:
+                np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=f"{signature}: {key}")
+
+
+def test_a_bfloat16_index_answers_as_the_float32_one_up_to_near_ties(run_dir, export_dir, tmp_path, fmnist_full):
+    import tensorflow as tf
+
+    d = tmp_path / "bf16"
+    out = run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={d}", "--index=train",
+                  "--index_dtype=bfloat16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((d / "assets" / "cmsf_export.json").read_text())["index"]["dtype"] == "bfloat16"
+    half, full = tf.saved_model.load(str(d)), tf.saved_model.load(str(export_dir))
+    assert half.index_features.dtype == tf.bfloat16 and full.index_features.dtype == tf.float32
+    images = tf.constant(np.repeat(fmnist_full.test_images[:64], 3, axis=-1))
+    a, b = full.neighbours(images), half.neighbours(images)
+    # A bfloat16 row keeps 8 bits of mantissa: a unit row's similarity moves by at most ~2^-9, so every
+    # neighbour the bfloat16 index returns is, by the float32 features, within 2^-8 of the float32 k-th
+    # best, and the similarity it reports within 2^-8 of the float32 one. (This tiny network's features are
+    # crowded, every similarity in 0.993-0.9997, so within that margin the neighbours reorder freely and 17%
+    # of the votes change: bfloat16 suits indexes whose neighbours are further apart than 2^-8.)
+    queries = full.serve(images)["features"].numpy()
+    true = np.take_along_axis(queries @ full.index_features.numpy().T, b["ids"].numpy(), 1)
+    kth = a["similarities"].numpy()[:, -1:]
+    assert (true >= kth - 2.0 ** -8).all(), (true - kth).min()
+    np.testing.assert_allclose(b["similarities"].numpy(), true, atol=2.0 ** -8)
+    assert half.classify(images)["label"].shape == (64,)
+    assert_one_sentence_error(run_cli("cmsf_tf.export", f"--model_dir={run_dir}", f"--export_dir={tmp_path / 'n'}",
+                                      "--index_dtype=bfloat16"), r"--index_dtype applies to the exact index only")

@@ -91,3 +91,17 @@ def test_recipe_config_reads_a_recipe_as_train_does():
     assert (cfg.mixed_precision, cfg.batch_size, cfg.bank_size) == ("float16", 768, 128256)  # its own lines
     assert cfg.pool_dtype == "bfloat16"
     assert memory_plan.recipe_config("msf").mixed_precision == "float32"  # nothing carried over between recipes
+
+
+@pytest.mark.parametrize("method", ["msf", "xent"])
+def test_the_activation_estimate_agrees_with_the_allocator_peak_of_a_real_step(method):
+    """One forward and backward pass measured with TensorFlow's allocator statistics, against the kept-tensor
+    estimate at the same size (ResNet-50 at 64 px: 6.7 vs 7.3 MB per image, ratio 0.91; here a width-16
+    ResNet-18 at 32 px: 0.79-0.83, the order in which the inter-op pool runs independent ops moves the peak
+    by a few %). Per image, the measurement does not depend on the batch."""
+    cfg = config.make(method=method, arch="resnet18_small", width=16, image_size=32, batch_size=16, bank_size=128)
+    measured, estimated = memory_plan.measured_activations(cfg, 32, 8)
+    print("measured / estimated per image:", measured, estimated, measured / estimated)
+    assert 0.65 < measured / estimated < 1.35
+    twice, _ = memory_plan.measured_activations(cfg, 32, 16)
+    assert 0.8 < twice / measured < 1.25  # per image: the same whatever the batch

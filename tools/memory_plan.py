@@ -31,6 +31,7 @@ KNOWN_SIZES = {"tfds:imagenet2012": (1_281_167, 1000), "imagenet2012": (1_281_16
 RECIPES = ["byol", "msf", "cmsf_2q", "cmsf_km", "sup", "semi10", "semi10_mixed", "xent"]
 REPLICAS = [4, 8, 64, 256]  # 4: the authors' 4 GPUs
 DEVICES_GB = [16, 32, 80]
+MEASURED_SIZES = [64, 96]  # px of the measured step that calibrates the activation estimate (ResNet-50)
 GB = 1e9
 
 
@@ -128,6 +129,43 @@ def plan(cfg, replicas, num_images, num_classes):
     return for_replicas(one_image, cfg.batch_size, replicas)
 
 
+def measured_activations(cfg, image_size, batch):
+    """(measured, estimated) bytes per image of one training pass of the online network at `image_size` px
+    and `batch` images. Measured: the peak of TensorFlow's allocator on the first device
+    (tf.config.experimental.get_memory_info) during one forward and backward pass, above what was held
+    before it, less the gradients (one tensor per trained variable); estimated: plan()'s kept-tensor rule at
+    the same size. Built eagerly at that small size, so it runs in seconds on a CPU."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from cmsf_tf.methods import METHODS
+
+    small = dataclasses.replace(cfg, image_size=image_size, batch_size=batch, bank_size=8 * batch,
+                                num_clusters=min(cfg.num_clusters, 8 * batch))
+    estimated = plan(small, 1, 8 * batch, 10)["activations"] // batch
+    model = METHODS[cfg.method].from_run_config(small, sync_bn=False, num_images=8 * batch, num_classes=10)
+    forward = getattr(model, "online_prediction", None) or (lambda x, training: model(x, training=training))
+    images = tf.random.uniform([batch, image_size, image_size, 3])
+    forward(images[:2], training=True)  # builds the variables
+    trained = [v.value for v in (getattr(model, "online_variables", None) or model.trainable_variables)]
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(forward(x, training=True), tf.float32))
+        return tape.gradient(loss, trained)
+
+    step(images)  # traced and run once: the measured call allocates only what a step needs
+    device = (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[0].name
+    tf.config.experimental.reset_memory_stats(device)
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    grads = step(images)
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    gradients = sum(_bytes(g) for g in grads if g is not None)  # None: a variable this pass does not use
+    return (peak - before - gradients) // batch, estimated
+
+
 def for_replicas(result, batch_size, replicas):
     """`result` (a plan) on `replicas` replicas instead: the state stays, the batch-sized parts scale."""
     if batch_size % replicas:
@@ -193,15 +231,18 @@ def scale_doc(path):
                             f"{sum(r['state'].values()) / GB:.2f} | {r['activations'] / GB:.2f} | "
                             f"{r['search'] / GB:.2f} | {r['total'] / GB:.2f} | " + " | ".join(fits) + " |")
     table = "\n".join(rows)
+    measured = [f"- {calibration_line(recipe_config('msf'), size, 8)}." for size in MEASURED_SIZES]
     with open(path) as f:
         text = f.read()
-    start, end = "<!-- plan:start -->", "<!-- plan:end -->"
-    if start not in text or end not in text:
-        raise config.UsageError(f"{path} has no {start} ... {end} markers for the table")
-    head, rest = text.split(start, 1)
+    for name, block in (("plan", table), ("measured", "\n".join(measured))):
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in text or end not in text:
+            raise config.UsageError(f"{path} has no {start} ... {end} markers")
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1]
     with open(path, "w") as f:
-        f.write(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-    print(table)
+        f.write(text)
+    print(table + "\n" + "\n".join(measured))
 
 
 def main(argv):
@@ -212,12 +253,24 @@ def main(argv):
         sys.exit(f"memory_plan: {e}")
 
 
+def calibration_line(cfg, image_size, batch):
+    """One sentence: the measured activations at a small size beside the estimate, scaled to the recipe's."""
+    measured, estimated = measured_activations(cfg, image_size, batch)
+    ratio = measured / estimated
+    scaled = plan(cfg, 1, 8 * cfg.batch_size, 10)["activations"] / cfg.batch_size * ratio
+    return (f"activations measured for one {cfg.method} step at {image_size} px, {batch} images: "
+            f"{measured / 1e6:.2f} MB per image (estimate {estimated / 1e6:.2f} MB, ratio {ratio:.2f}); scaled to "
+            f"{cfg.image_size} px: {scaled / 1e6:.1f} MB per image")
+
+
 def run_plan(F):
     if F.scale_doc:
         return scale_doc(F.scale_doc)
     cfg = config.from_flags()
     num_images, num_classes = (F.num_images, F.num_classes) if F.num_images else sizes(cfg)
     print(report(plan(cfg, F.replicas, num_images, num_classes)))
+    if F.measure_size:
+        print(calibration_line(cfg, F.measure_size, F.measure_batch))
 
 
 if __name__ == "__main__":
@@ -227,5 +280,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_images", 0, "training images (0: the known size of --dataset)")
     flags.DEFINE_integer("num_classes", 0, "classes (with --num_images)")
     flags.DEFINE_string("scale_doc", "", "rewrite the table between the plan markers of this Markdown file")
+    flags.DEFINE_integer("measure_size", 0, "also measure one step's activations at this image size (px) and "
+                         "scale them to the recipe's (0: estimate only)")
+    flags.DEFINE_integer("measure_batch", 8, "images of the measured step")
     flags.FLAGS.set_default("model_dir", "-")  # a plan writes no run directory
     app.run(main)
