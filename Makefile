@@ -36,6 +36,7 @@ bench: deps bench-deps
 	$(PY) tools/bench_input.py --reference_python=$(BENCH_REFERENCE_PYTHON) --json=bench/results.json
 	$(PY) tools/bench_kmeans.py --json=bench/results.json
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000 --json=bench/results.json
+	$(PY) tools/bench_serving.py --json=bench/results_serving.json --doc=bench/serving.md
 	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
 
 # Step parity with the authors' code: our train step of every method against its PyTorch transcription
