@@ -146,6 +146,11 @@ TRAIN_SETTINGS = (
             "Smallest area fraction of the random resized crops (paper: 0.2)."),
     Setting("blur_prob", "float", 0.5,
             "Probability of Gaussian blur in the strong view (paper: 0.5 at 224 px)."),
+    Setting("multi_crop", "string", "",
+            "N:SIZE[:MIN_SCALE:MAX_SCALE]: N extra small crops per image (SIZE px, area fraction "
+            "MIN-MAX of the image, default 0.05-0.14 as SwAV/DINO; ImageNet: 6:96), augmented as the strong "
+            "view; queries only, pulled towards the strong view's neighbours (mean-shift methods).",
+            identity=True),
     Setting("label_split", "string", "",
             "Labelled subset: percent:P (class-stratified, seeded by --seed), "
             "imagenet_1percent / imagenet_10percent (the paper's ImageNet lists, shipped), or a file of "
@@ -282,6 +287,29 @@ def make(**values):
     return cfg
 
 
+MULTI_CROP_SCALE = (0.05, 0.14)  # SwAV's and DINO's small crops
+
+
+def multi_crop_spec(value, image_size):
+    """(n, size, min_scale, max_scale) of a --multi_crop value, or None for "" (no small crops)."""
+    if not value:
+        return None
+    form = (f"--multi_crop {value!r} is not N:SIZE[:MIN_SCALE:MAX_SCALE] (e.g. 6:96 or 6:96:0.05:0.14)")
+    parts = value.split(":")
+    if len(parts) not in (2, 4):
+        raise UsageError(form)
+    try:
+        n, size = int(parts[0]), int(parts[1])
+        low, high = (float(parts[2]), float(parts[3])) if len(parts) == 4 else MULTI_CROP_SCALE
+    except ValueError:
+        raise UsageError(form) from None
+    if n < 1 or not 1 <= size <= image_size:
+        raise UsageError(f"{form}: N must be at least 1 and SIZE between 1 and --image_size {image_size}")
+    if not 0 < low <= high <= 1:
+        raise UsageError(f"{form}: the scales need 0 < MIN_SCALE <= MAX_SCALE <= 1")
+    return n, size, low, high
+
+
 def label_split_percent(value):
     """P of a --label_split of the form percent:P (0 < P <= 100); None for a names file; UsageError
     for anything else."""
@@ -329,6 +357,8 @@ def validate(cfg):
         raise UsageError(f"--crop_min_scale must be in (0, 1] (got {cfg.crop_min_scale})")
     if not 0 <= cfg.blur_prob <= 1:
         raise UsageError(f"--blur_prob must be in [0, 1] (got {cfg.blur_prob})")
+    if multi_crop_spec(cfg.multi_crop, cfg.image_size) and cfg.method == "xent":
+        raise UsageError("--multi_crop adds queries to the mean-shift methods; --method=xent has none")
     if not 0 <= cfg.max_corrupt_fraction <= 1:
         raise UsageError(f"--max_corrupt_fraction must be in [0, 1] (got {cfg.max_corrupt_fraction})")
     if not 0 <= cfg.label_noise < 100:

@@ -107,6 +107,22 @@ def mean_shift_loss(queries, bank, indices):
     return tf.reduce_mean(2.0 - 2.0 * sims)
 
 
+def query_views_loss(query_views, bank, sets):
+    """Scalar: the mean over query views of the weighted mean-shift loss sum_w w * mean_shift_loss.
+
+    `query_views`: [(n_v, [B * n_v, D] queries)], n_v (a Python int) views per image, image-major (the
+    strong view: n_v = 1; --multi_crop's small crops: n_v = n), every view of image b pulled towards image
+    b's neighbour sets `sets` [(w, int[B, k])]. Each view counts once: sum_v n_v * loss_v / sum_v n_v, the
+    plain mean of the per-view losses."""
+    total = None
+    for n, queries in query_views:
+        loss = tf.add_n([w * mean_shift_loss(queries, bank, idx if n == 1 else tf.repeat(idx, n, axis=0))
+                         for w, idx in sets])
+        total = n * loss if total is None else total + n * loss
+    views = sum(n for n, _ in query_views)
+    return total if views == 1 else total / views
+
+
 def purity(query_labels, bank_labels, indices):
     """Scalar float32: fraction of the neighbours whose bank label equals the query's label. A label < 0
     (unlabelled, or an empty bank slot) never counts as a match, not even with another -1."""

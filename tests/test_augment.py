@@ -258,3 +258,43 @@ def test_colour_jitter_applies_its_operations_in_a_random_order_per_image():
     seeds = tf.random.experimental.stateless_split(seed(0), 5)
     factors = [float(f) for f in augment.jitter_factors(seeds[:4])]
     assert not np.allclose(np_jitter(image, (0, 1, 2, 3), *factors), np_jitter(image, (3, 2, 1, 0), *factors), atol=1e-3)
+
+
+def test_small_crops_draw_torchvisions_distribution_at_their_scale():
+    """--multi_crop's crops: 4,000 windows of a 375 x 500 photo at SwAV's scale (0.05, 0.14), drawn with the
+    seeds the pipeline gives the small crops of 1,000 examples (4 each), against 100,000 draws of
+    torchvision's RandomResizedCrop.get_params at that scale (tolerances as for the main crops)."""
+    from cmsf_tf.data import pipeline
+
+    height, width, scale = 375, 500, (0.05, 0.14)
+    ds = tf.data.Dataset.range(1000).map(lambda i: tf.stack([tf.concat(augment.crop_window(
+        tf.constant((height, width, 3)), augment.crop_seed("strong", seed), scale), 0)
+        for seed in tf.unstack(pipeline.small_crop_seeds(3, 1, i, 4))]))
+    out = next(iter(ds.batch(1000))).numpy().reshape(-1, 6)
+    h, w = out[:, 3], out[:, 4]
+    rng = np.random.default_rng(0)
+    ref = np.array([torchvision_crop_params(height, width, rng, scale=scale) for _ in range(100_000)])
+    area, ref_area = h * w / (height * width), ref[:, 2] * ref[:, 3] / (height * width)
+    assert abs(area.mean() - ref_area.mean()) < 0.003 and 0.05 <= area.mean() <= 0.14
+    assert ks_statistic(area, ref_area) < 0.035
+    assert ks_statistic(np.log(w / h), np.log(ref[:, 3] / ref[:, 2])) < 0.035
+    assert len({tuple(r) for r in out}) > 0.99 * len(out)  # every crop its own window
+
+
+def test_small_crops_of_encoded_images_come_from_the_one_partial_decode():
+    """The decoded region covers the small crops' windows too: the views of the encoded image equal those of
+    the decoded pixels (JPEG round-off aside), and the weak and strong views are those without small crops."""
+    from cmsf_tf.data import pipeline
+
+    rng = np.random.default_rng(3)
+    decoded = tf.constant(rng.integers(0, 256, (60, 80, 3), np.uint8))
+    encoded = tf.io.encode_png(decoded)
+    region = pipeline._views(encoded, 1, 2, 3, 48, 0.2, 0.5, False, multi_crop=(3, 20, 0.05, 0.3))
+    whole = pipeline._views(decoded, 1, 2, 3, 48, 0.2, 0.5, False, multi_crop=(3, 20, 0.05, 0.3))
+    plain = pipeline._views(decoded, 1, 2, 3, 48, 0.2, 0.5, False)
+    assert region["small"].shape == (3, 20, 20, 3) and region["small"].dtype == tf.uint8
+    for key in region:
+        np.testing.assert_array_equal(region[key].numpy(), whole[key].numpy(), err_msg=key)  # PNG: lossless
+    for key in plain:
+        np.testing.assert_array_equal(whole[key].numpy(), plain[key].numpy(), err_msg=key)
+    assert len({whole["small"][i].numpy().tobytes() for i in range(3)}) == 3

@@ -46,6 +46,13 @@ def test_later_flags_override_the_flagfile():
     (dict(learning_rate=0.0), "--learning_rate"),
     (dict(method="moco"), "unknown --method"),
     (dict(cpu_devices=2), "needs --strategy=mirrored"),
+    (dict(multi_crop="6"), r"--multi_crop '6' is not N:SIZE\[:MIN_SCALE:MAX_SCALE\]"),
+    (dict(multi_crop="six:96"), r"is not N:SIZE"),
+    (dict(multi_crop="0:14"), r"N must be at least 1"),
+    (dict(multi_crop="4:29"), r"SIZE between 1 and --image_size 28"),
+    (dict(multi_crop="4:14:0.3:0.1"), r"0 < MIN_SCALE <= MAX_SCALE <= 1"),
+    (dict(multi_crop="4:14:0:0.2"), r"0 < MIN_SCALE"),
+    (dict(multi_crop="4:14", method="xent"), r"--method=xent has none"),
 ])
 def test_validation_messages(change, message):
     base = parse(f"--flagfile={REPO}/flags/demo.cfg", "--model_dir=/tmp/x")
@@ -71,7 +78,7 @@ def test_settings_table_makes_the_config_and_the_run_identity():
         "method", "dataset", "class_list", "arch", "width", "image_size", "batch_size", "bank_size", "topk",
         "topk_prime", "cmsf_2q_view", "constraint_fill", "pool_dtype", "num_clusters", "proj_hidden", "proj_dim",
         "seed", "steps_per_epoch", "label_split", "label_noise", "label_noise_file", "label_smoothing",
-        "labelled_cache_size", "conf_threshold"}
+        "labelled_cache_size", "conf_threshold", "multi_crop"}
     names = [s.name for s in config.TRAIN_SETTINGS + config.EVAL_SETTINGS]
     assert len(names) == len(set(names))
     assert config.make().to_dict() == {s.name: tuple(s.default) if s.kind == "list" else s.default
@@ -160,3 +167,9 @@ def test_workers_of_one_fleet_prepare_the_same_model_dir_at_once(tmp_path):
     assert [o[0].split() for o in outs] == [["ok", "True"], ["ok", "False"], ["ok", "False"]]
     assert json.loads((run / "flags.json").read_text())["strategy"] == "multi_worker"
     assert sorted(p.name for p in run.iterdir()) == [".lock", "flags.json"]  # no probe or temporary file left
+
+
+def test_multi_crop_spec_reads_the_count_size_and_scales():
+    assert config.multi_crop_spec("", 224) is None
+    assert config.multi_crop_spec("6:96", 224) == (6, 96, 0.05, 0.14)  # SwAV / DINO's small crops
+    assert config.multi_crop_spec("4:14:0.1:0.35", 28) == (4, 14, 0.1, 0.35)

@@ -448,9 +448,12 @@ def test_every_method_describes_its_model_views_and_callbacks():
         cfg = config.make(method=name, **tiny, **extra)
         model = cls.from_run_config(cfg, sync_bn=False, num_images=40, num_classes=10)
         assert isinstance(model, cls) and model.online_backbone.output_shape[-1] == 32
-        assert cls.views(cfg) == {"strong_view": name != "xent", "third_view": False}, name
+        assert cls.views(cfg) == {"strong_view": name != "xent", "third_view": False, "multi_crop": None}, name
+        if name != "xent":  # every mean-shift method carries the small crops, without a branch of its own
+            small = config.make(method=name, multi_crop="2:14", **tiny, **extra)
+            assert cls.views(small)["multi_crop"] == (2, 14, 0.05, 0.14), name
         callbacks = cls.training_callbacks(cfg, steps_per_epoch=5, logdir=None, log=print)
         assert [type(c) for c in callbacks] == expected_callbacks.get(name, []), name
     third = config.make(method="cmsf_2q", cmsf_2q_view="third", **tiny)
-    assert METHODS["cmsf_2q"].views(third) == {"strong_view": True, "third_view": True}
+    assert METHODS["cmsf_2q"].views(third) == {"strong_view": True, "third_view": True, "multi_crop": None}
     assert METHODS["cmsf_2q"].from_run_config(third, sync_bn=False, num_images=40, num_classes=10).pool is None

@@ -226,3 +226,26 @@ def test_chunked_top_k_bfloat16_index_and_empty_batch():
     np.testing.assert_allclose(got_sims.numpy(), np.sort(sims, axis=1)[:, ::-1][:, :4], rtol=1e-6, atol=1e-6)
     empty_sims, empty_ids = ops.chunked_top_k(np.zeros((0, 8), np.float32), rounded, 4, chunk=8)
     assert empty_sims.shape == (0, 4) and empty_ids.shape == (0, 4)
+
+
+def test_query_views_loss_is_the_mean_of_the_per_view_losses():
+    """--multi_crop's loss: every query view (the strong view, each small crop) pulled towards its image's
+    weighted neighbour sets, each view's loss averaged over the batch, then the views averaged (NumPy)."""
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    b, n, d = 4, 3, 8
+    bank = unit(rng.normal(size=(16, d))).astype(np.float32)
+    strong = unit(rng.normal(size=(b, d))).astype(np.float32)
+    small = unit(rng.normal(size=(b, n, d))).astype(np.float32)  # image-major: image i's n crops together
+    sets = [(0.7, rng.integers(0, 16, (b, 3)).astype(np.int32)), (0.3, rng.integers(0, 16, (b, 5)).astype(np.int32))]
+
+    def view_loss(q):  # one view: [B, D]
+        return sum(w * np.mean(2 - 2 * np.einsum("bd,bkd->bk", q, bank[idx])) for w, idx in sets)
+
+    want = np.mean([view_loss(strong)] + [view_loss(small[:, v]) for v in range(n)])
+    got = ops.query_views_loss([(1, tf.constant(strong)), (n, tf.constant(small.reshape(b * n, d)))],
+                               tf.constant(bank), [(w, tf.constant(i)) for w, i in sets])
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # One view alone is the plain weighted loss, untouched (a run without small crops is unchanged).
+    alone = ops.query_views_loss([(1, tf.constant(strong))], tf.constant(bank), [(w, tf.constant(i)) for w, i in sets])
+    np.testing.assert_allclose(float(alone), view_loss(strong), rtol=1e-6)

@@ -119,6 +119,31 @@ def test_views_are_the_augment_functions_of_the_example_seed():
             assert batch["label"][j] == src.train_labels[index] == batch["true_label"][j]
 
 
+def test_small_crops_are_strong_views_of_their_own_seeds_and_resume_exactly():
+    """--multi_crop: batch["small"] [B, n, s, s, 3] uint8 holds, for dataset index i, strong_view of image i
+    at the small size and scale with the seeds small_crop_seeds(seed, epoch, i, n); a stream skipped to
+    step 1 carries step 1's small crops."""
+    from cmsf_tf.data import augment
+
+    rng = np.random.default_rng(6)
+    src = sources.InMemorySource("random", rng.integers(0, 256, (12, 20, 20, 3), np.uint8),
+                                 rng.integers(0, 3, 12).astype(np.int32), None, None, 3)
+    spec = (3, 8, 0.1, 0.4)
+    batches = list(stream(src, 3, multi_crop=spec))
+    batch = batches[0]
+    assert batch["small"].shape == (4, 3, 8, 8, 3) and batch["small"].dtype == tf.uint8
+    for j, index in enumerate(batch["index"].numpy()):
+        seeds = pipeline.small_crop_seeds(ARGS["seed"], 0, index, 3)
+        for v in range(3):
+            want = augment.strong_view(src.train_images[index], 8, seeds[v], crop_scale=(0.1, 0.4),
+                                       blur_p=ARGS["blur_prob"])
+            np.testing.assert_array_equal(batch["small"][j, v].numpy(), want.numpy())
+    resumed = next(iter(pipeline.train_dataset(src, global_batch=4, steps_per_epoch=3, start_epoch=0, end_epoch=1,
+                                               skip_steps=1, multi_crop=spec, **ARGS)))
+    for key in ("small", "strong", "weak", "index"):
+        np.testing.assert_array_equal(resumed[key].numpy(), batches[1][key].numpy(), err_msg=key)
+
+
 def test_label_plan_in_the_graph_equals_the_numpy_labels():
     n, classes = 200, 5
     true = np.arange(n, dtype=np.int32) % classes

@@ -54,12 +54,15 @@ METHOD_FLAGS = {"msf": [], "cmsf_2q": ["--method=cmsf_2q", "--topk_prime=4"],
                 "cmsf_km": ["--method=cmsf_km", "--num_clusters=4", "--kmeans_iters=3"],
                 "cmsf_sup": ["--method=cmsf_sup", "--label_noise=25"],
                 "xent": ["--method=xent", "--label_noise=25"],
-                "cmsf_pseudo": PSEUDO_FLAGS}
+                "cmsf_pseudo": PSEUDO_FLAGS,
+                "cmsf_2q_multi_crop": ["--method=cmsf_2q", "--topk_prime=4", "--multi_crop=2:14:0.1:0.4"]}
 PER_IMAGE_STATE = {"msf": (), "cmsf_2q": ("pool", "previous_bank"), "cmsf_km": ("pool", "cluster_ids"),
-                   "cmsf_sup": (), "xent": (), "cmsf_pseudo": ("pseudo_head", "labelled_cache")}
+                   "cmsf_sup": (), "xent": (), "cmsf_pseudo": ("pseudo_head", "labelled_cache"),
+                   "cmsf_2q_multi_crop": ("pool", "previous_bank")}
 
 
-@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent", "cmsf_pseudo"])
+@pytest.mark.parametrize("method", ["msf", "cmsf_2q", "cmsf_km", "cmsf_sup", "xent", "cmsf_pseudo",
+                                    "cmsf_2q_multi_crop"])
 def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     flags = [f"--data_dir={fmnist_slice}", "--epochs=2", "--steps_per_epoch=4", "--deterministic",
              "--noknn_eval", *METHOD_FLAGS[method]]
@@ -248,6 +251,24 @@ def test_mixed_precision_runs_finite_with_a_float32_bank(tmp_path, fmnist_slice,
     cache = [v for n, v in state.items() if "labelled_cache" in n and "embeddings" in n][0]
     assert cache.dtype == np.float32 and np.isfinite(cache).all() and np.abs(cache).sum() > 0
     assert any("pseudo_head" in n for n in state)
+
+
+def test_multi_crop_trains_on_two_replicas_in_mixed_precision(tmp_path, fmnist_slice):
+    """--multi_crop under MirroredStrategy (2 logical devices) and bfloat16: the small crops split over the
+    replicas with their images, the run ends finite, and its loss is the multi-view one (it differs from
+    the same run without small crops from the first step on)."""
+    flags = [f"--data_dir={fmnist_slice}", "--epochs=1", "--steps_per_epoch=2", "--noknn_eval", "--deterministic",
+             "--strategy=mirrored", "--cpu_devices=2", "--mixed_precision=bfloat16"]
+    losses = {}
+    for name, extra in (("small", ["--multi_crop=3:14:0.1:0.4"]), ("plain", [])):
+        out = train(*flags, *extra, f"--model_dir={tmp_path / name}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        state = checkpoint_state(tmp_path / name)
+        assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f")
+        acc = read_events(str(tmp_path / name / "tensorboard"))
+        losses[name] = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")]
+    assert len(losses["small"]) == 2 and losses["small"][0] != losses["plain"][0]
+    assert json.loads((tmp_path / "small" / "flags.json").read_text())["multi_crop"] == "3:14:0.1:0.4"
 
 
 def test_supervised_cmsf_with_label_noise_through_the_cli(tmp_path, fmnist_slice):

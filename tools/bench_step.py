@@ -93,6 +93,9 @@ def tf_step(method, net, threads):
         model.cluster_ids.assign(rng.integers(0, net["num_clusters"], net["num_images"]).astype(np.int32))
     unused = ({"third"} if method != "cmsf_2q" else set()) | ({"strong"} if method == "xent" else set())
     batch = {k: v for k, v in fixed_batch(net).items() if k not in unused}
+    if threads.get("multi_crop"):  # (n, size): the small crops the pipeline would add, [B, n, s, s, 3] uint8
+        n, size = threads["multi_crop"]
+        batch["small"] = np.random.default_rng(2).integers(0, 256, (net["batch"], n, size, size, 3), dtype=np.uint8)
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
     model.make_train_function()
     train_function = model.train_function
@@ -131,6 +134,7 @@ def torch_step(method, net, threads):
 # What each framework name runs: cmsf_tf's step as --jit_compile says, the same step compiled with XLA
 # (--compare_xla), or the PyTorch reference.
 XLA = "cmsf_tf_xla"
+MULTI_CROP = "cmsf_tf_multi_crop"  # cmsf_tf's step with --compare_multi_crop's small crops in the batch
 
 
 def machine_busy_seconds():
@@ -162,6 +166,8 @@ def worker(conn, framework, method, net, threads):
     try:  # (spawn re-runs this module's top level in the child, so sys.path already holds ROOT and tools/)
         if framework == XLA:
             run = tf_step(method, net, dict(threads, jit=True))
+        elif framework == MULTI_CROP:
+            run = tf_step(method, net, dict(threads, multi_crop=threads["compare_multi_crop"][net["name"]]))
         else:
             run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
@@ -274,6 +280,10 @@ def parse(argv=None):
     parser.add_argument("--compare_xla", action="store_true",
                         help=f"also time cmsf_tf's step compiled with XLA ({XLA}), alternating with the others; "
                              "rows get its ratio to the step without XLA (vs_no_xla)")
+    parser.add_argument("--compare_multi_crop", default="",
+                        help="also time the step with small crops N:SIZE_DEMO:SIZE_RESNET50 per image "
+                             f"(e.g. 6:14:96) ({MULTI_CROP}), alternating with the others; rows get its ratio to "
+                             "the step without them (vs_single_crop)")
     parser.add_argument("--alternate_methods", action="store_true",
                         help="keep every method's process alive and let all take turns round by round (for the "
                              "ratios to BYOL; needs the memory of all at once), instead of one method after another")
@@ -300,9 +310,17 @@ def main(argv=None):
     args = parse(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # inherited by the workers
     NETS["resnet50"]["batch"] = args.resnet50_batch
-    frameworks = (["cmsf_tf"] + ([XLA] if args.compare_xla else [])
+    frameworks = (["cmsf_tf"] + ([XLA] if args.compare_xla else []) + ([MULTI_CROP] if args.compare_multi_crop else [])
                   + (["pytorch"] if benchlib.optional_torch(args.no_torch) else []))
     threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
+    if args.compare_multi_crop:
+        try:
+            n, demo, r50 = (int(v) for v in args.compare_multi_crop.split(":"))
+        except ValueError:
+            sys.exit("bench_step: --compare_multi_crop is N:SIZE_DEMO:SIZE_RESNET50, e.g. 6:14:96")
+        threads["compare_multi_crop"] = {"demo": (n, demo), "resnet50": (n, r50), "tiny": (n, 8)}
+    for name, net in NETS.items():
+        net.setdefault("name", name)
     if args.processes:
         return main_processes(args, frameworks, threads)
     rows = []
@@ -332,6 +350,10 @@ def main(argv=None):
                         row["vs_byol"] = round(r["ms"] / byol[fw], 3)
                     if fw != "pytorch" and "ms" in res.get(("pytorch", method), {}):
                         row["vs_torch"] = round(r["ms"] / res[("pytorch", method)]["ms"], 3)
+                    if fw == MULTI_CROP and "ms" in res.get(("cmsf_tf", method), {}):
+                        row["vs_single_crop"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                        print(f"{'':12s} {'':11s} with {threads['compare_multi_crop'][net_name][0]} small crops of "
+                              f"{threads['compare_multi_crop'][net_name][1]} px: {row['vs_single_crop']:.3f}x the step")
                     if fw == XLA and "ms" in res.get(("cmsf_tf", method), {}):
                         row["vs_no_xla"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
                     print(f"{method:12s} {fw:11s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "

@@ -32,7 +32,7 @@ def normalize(image):
     return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
-VIEW_KEYS = ("weak", "strong", "third")
+VIEW_KEYS = ("weak", "strong", "third", "small")
 # Views in these dtypes hold pixel levels 0-255: uint8, or bfloat16 where a device takes no uint8 input
 # (TPUs; every integer up to 256 is exact in bfloat16's 8-bit mantissa). float32 views are normalised.
 PIXEL_DTYPES = (tf.uint8, tf.bfloat16)

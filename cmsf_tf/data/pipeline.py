@@ -41,30 +41,46 @@ def _pipelines(input_context):
     return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
-def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, third_view, strong_view=True):
+def small_crop_seeds(seed, epoch, index, n):
+    """[n, 2] stateless seeds of one example's small crops (--multi_crop): folded off the example's seed,
+    so the weak, strong and third views keep the seeds they have without small crops."""
+    return tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(example_seed(seed, epoch, index), 1), n)
+
+
+def _views(image, seed, epoch, index, image_size, crop_min_scale, blur_prob, third_view, strong_view=True,
+           multi_crop=None):
     s = tf.random.experimental.stateless_split(example_seed(seed, epoch, index), 3)
     scale = (crop_min_scale, 1.0)
+    small = small_crop_seeds(seed, epoch, index, multi_crop[0]) if multi_crop else None
     if image.dtype == tf.string:  # decode once the part of the image that the crops cover
-        kinds = ([("weak", s[0])] + ([("strong", s[1])] if strong_view else [])
-                 + ([("weak", s[2])] if third_view else []))
+        kinds = ([("weak", s[0], scale)] + ([("strong", s[1], scale)] if strong_view else [])
+                 + ([("weak", s[2], scale)] if third_view else []))
+        if multi_crop:
+            kinds += [("strong", small[i], multi_crop[2:]) for i in range(multi_crop[0])]
         shape = augment.image_shape(image)
         image = augment.decoded_region(
-            image, [augment.crop_window(shape, augment.crop_seed(k, v), scale) for k, v in kinds])
+            image, [augment.crop_window(shape, augment.crop_seed(k, v), sc) for k, v, sc in kinds])
     out = {"weak": augment.weak_view(image, image_size, s[0], crop_scale=scale)}
     if strong_view:  # the cross-entropy baseline trains on the weak view alone
         out["strong"] = augment.strong_view(image, image_size, s[1], crop_scale=scale, blur_p=blur_prob)
     if third_view:
         out["third"] = augment.weak_view(image, image_size, s[2], crop_scale=scale)
+    if multi_crop:  # [n, size, size, 3]: the strong view's augmentation on a small crop
+        n, size, low, high = multi_crop
+        out["small"] = tf.stack([augment.strong_view(image, size, small[i], crop_scale=(low, high), blur_p=blur_prob)
+                                 for i in range(n)])
     return out
 
 
 def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, start_epoch, end_epoch,
                   skip_steps=0, labels=None, crop_min_scale=0.2, blur_prob=0.5, third_view=False,
-                  input_context=None, shuffle_buffer=10_000, strong_view=True, view_dtype=tf.uint8):
-    """Batches of {weak, strong[, third], label, true_label, is_labelled, index} (no strong with
+                  input_context=None, shuffle_buffer=10_000, strong_view=True, view_dtype=tf.uint8, multi_crop=None):
+    """Batches of {weak, strong[, third][, small], label, true_label, is_labelled, index} (no strong with
     `strong_view=False`; the views pixel levels in `view_dtype`, uint8 or bfloat16 for devices without
     uint8 input such as TPUs, for augment.model_views in the train step) from `start_epoch`
-    (after `skip_steps` of it) to `end_epoch`, each epoch freshly shuffled.
+    (after `skip_steps` of it) to `end_epoch`, each epoch freshly shuffled. `multi_crop` (n, size,
+    min_scale, max_scale) adds `small`: [batch, n, size, size, 3] small crops per image.
 
     `labels`: a LabelPlan, or int32 [N] training labels (noisy or partial, -1 for unlabelled);
     defaults to the true labels. With an `input_context` the batches are per-replica batches of this
@@ -80,7 +96,7 @@ def train_dataset(source, *, global_batch, image_size, seed, steps_per_epoch, st
         raise ValueError(f"global batch {global_batch} is not divisible by {pipelines} input pipelines")
     batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
     view_args = dict(image_size=image_size, crop_min_scale=crop_min_scale, blur_prob=blur_prob,
-                     third_view=third_view, strong_view=strong_view)
+                     third_view=third_view, strong_view=strong_view, multi_crop=multi_crop)
 
     if isinstance(source, sources.RecordSource):
         ds = _record_stream(source, seed, steps_per_epoch * global_batch // pipelines, start_epoch, end_epoch,

@@ -4,8 +4,9 @@ It owns the online network (backbone, projector, predictor), the EMA target netw
 projector), the memory bank, the metrics and the train-step skeleton:
 
   weak view  -> target -> t (unit, no gradient) -> gathered from all replicas -> written to the bank
-  strong view -> online + predictor -> q
-  neighbour sets of t in the bank (a method's hook) -> loss = sum_w w * mean_shift_loss(q, bank, set)
+  strong view (and --multi_crop's small crops) -> online + predictor -> q
+  neighbour sets of t in the bank (a method's hook) -> loss = sum_w w * mean_shift_loss(q, bank, set),
+  averaged over the query views
 
 A method overrides `neighbour_sets` (its constraint) and, where it needs them, `query_labels`,
 `write_state` (per-image state written with the gathered batch) and `extra_metrics`. When a method
@@ -17,7 +18,7 @@ the constrained neighbours stand in the unconstrained order.
 import keras
 import tensorflow as tf
 
-from cmsf_tf import distribute, ops
+from cmsf_tf import config, distribute, ops
 from cmsf_tf.data import augment
 from cmsf_tf.memory import MemoryBank
 from cmsf_tf.models import backbones, heads
@@ -34,8 +35,10 @@ class TrainingPlumbing:
 
     @classmethod
     def views(cls, cfg):
-        """{"strong_view": bool, "third_view": bool}: the views its batches carry besides the weak one."""
-        return {"strong_view": True, "third_view": False}
+        """{"strong_view": bool, "third_view": bool, "multi_crop": (n, size, min, max) or None}: the views its
+        batches carry besides the weak one (pipeline.train_dataset's arguments)."""
+        return {"strong_view": True, "third_view": False,
+                "multi_crop": config.multi_crop_spec(cfg.multi_crop, cfg.image_size)}
 
     @classmethod
     def from_run_config(cls, cfg, *, sync_bn, num_images, num_classes):
@@ -259,8 +262,11 @@ class MeanShift(TrainingPlumbing, keras.Model):
 
         variables = self.online_variables
         with tf.GradientTape() as tape:
-            queries = self.online_prediction(batch["strong"])
-            loss = tf.add_n([w * ops.mean_shift_loss(queries, bank, idx) for w, idx in sets])
+            query_views = [(1, self.online_prediction(batch["strong"]))]
+            if "small" in batch:  # --multi_crop: [B, n, s, s, 3], one forward pass (and BatchNorm batch) for all
+                small = batch["small"]
+                query_views.append((small.shape[1], self.online_prediction(tf.reshape(small, [-1, *small.shape[2:]]))))
+            loss = ops.query_views_loss(query_views, bank, sets)
             scaled = self._scaled_total(loss, variables)
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self._ema_update()

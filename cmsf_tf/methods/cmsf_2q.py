@@ -29,7 +29,7 @@ class CMSF2Q(MeanShift):
 
     @classmethod
     def views(cls, cfg):
-        return {"strong_view": True, "third_view": cfg.cmsf_2q_view == "third"}
+        return dict(super().views(cfg), third_view=cfg.cmsf_2q_view == "third")
 
     def __init__(self, *, num_images, topk_prime=5, pool_dtype="float32", third_view=False, **kwargs):
         super().__init__(**kwargs)

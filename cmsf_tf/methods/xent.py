@@ -20,7 +20,7 @@ class CrossEntropy(TrainingPlumbing, keras.Model):
 
     @classmethod
     def views(cls, cfg):
-        return {"strong_view": False, "third_view": False}  # trains on the weak view alone
+        return {"strong_view": False, "third_view": False, "multi_crop": None}  # trains on the weak view alone
 
     @classmethod
     def from_run_config(cls, cfg, *, sync_bn, num_images, num_classes):

@@ -41,14 +41,17 @@ def feature_dim(arch, width=64):
 
 
 def build_backbone(arch, image_size, channels=3, width=64, sync_bn=False, name="backbone", portable=False):
-    """A keras.Model mapping [B, S, S, C] float images to [B, feature_dim] pooled features.
+    """A keras.Model mapping [B, S, S, C] float images (any S; `image_size` is the training crops') to
+    [B, feature_dim] pooled features.
     `portable`: Keras' own BatchNormalization instead of the fused one (same variables in the same order,
     same inference outputs), so a saved .keras file loads without cmsf_tf (cmsf_tf.export)."""
     kind, stages, small_stem = ARCHS[arch]
     conv = _conv_factory()
     bn = _bn_factory(sync_bn, keras.layers.BatchNormalization if portable else BatchNormalization)
 
-    inputs = keras.Input((image_size, image_size, channels), name=f"{name}_images")
+    # Any spatial size: the recipe's crops and --multi_crop's smaller ones pass the same network (global
+    # pooling makes the features the same size); `image_size` is the size the network is built for.
+    inputs = keras.Input((None, None, channels), name=f"{name}_images")
     if small_stem:
         x = conv(width, 3, 1, "conv1")(inputs)
         x = keras.layers.ReLU()(bn("bn1")(x))
