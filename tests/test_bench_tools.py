@@ -172,6 +172,7 @@ def test_bench_serving_quick_and_its_page(tmp_path):
              f"--json={results}", f"--doc={page}")
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["tool"] == "bench_serving" and record["feature_dim"] == 32
+    assert record["served_by"].startswith("a process with TensorFlow only")  # it stops otherwise
     assert {(r["index"], r["signature"], r["batch"]) for r in record["rows"]} == {
         (n, s, b) for n in (100, 300) for s in ("serve", "classify", "neighbours") for b in (1, 4)}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["calls"] == 3 for r in record["rows"])

@@ -5,7 +5,8 @@
     python tools/bench_serving.py --json=bench/results_serving.json --doc=bench/serving.md
 
 For each index size the tool writes a real export (cmsf_tf.export.write_saved_model, exact search: the
-index in a variable, searched in chunks of 65,536 rows), loads it with tf.saved_model.load and times the
+index in a variable, searched in chunks of 65,536 rows), loads it with tf.saved_model.load in a fresh
+process that imports TensorFlow only (the tool stops if scann or cmsf_tf got loaded there) and times the
 signatures a server calls: `serve` (the backbone alone: uint8 images -> unit features), `classify`
 (backbone + search + vote) and `neighbours`, at batches of 1 and 64. The network is the demo recipe's
 (ResNet-18 small-image stem, width 16, 28 px; --arch/--width/--image_size to change it) with its initial
@@ -68,7 +69,8 @@ def synthetic_index(n, dim, classes, k, dtype="float32", seed=0, chunk=200_000):
 
 
 def measure(export_dir, batches, image_size, calls):
-    """{(signature, batch): [seconds per call]} of the loaded export, in alternating rounds."""
+    """{(signature, batch): [seconds per call]} of the loaded export, in alternating rounds, and the modules
+    of scann or cmsf_tf the measuring process had loaded (run it in a process of its own: none)."""
     import tensorflow as tf
 
     from benchlib import alternate
@@ -82,7 +84,17 @@ def measure(export_dir, batches, image_size, calls):
             fn = loaded.signatures[name]
             # .numpy() on every output: the call is done when its answer is in host memory, as a server's.
             cases[(name, batch)] = (lambda fn=fn, images=images: [v.numpy() for v in fn(images=images).values()])
-    return alternate(cases, calls)
+    times = alternate(cases, calls)
+    return times, sorted(m for m in sys.modules if m.split(".")[0] in ("scann", "cmsf_tf"))
+
+
+def measure_in_a_fresh_process(*args):
+    """measure() in a spawned process, which imports TensorFlow and this file's helpers only: the export is
+    timed as a server that has only TensorFlow would load and run it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, args)
 
 
 def rows_of(size, times):
@@ -122,7 +134,8 @@ def write_doc(path, record):
         f"on {record['machine']['cpu']} ({record['machine']['cores']} cores), {record['time']}; "
         f"TensorFlow {record['versions'].get('tensorflow', '?')}. Network: {record['network']} "
         f"({record['feature_dim']}-d features), exact search over a {record['index_dtype']} index in a variable, k = {record['k']}, "
-        "loaded with `tf.saved_model.load` (no scann). Latencies are per call, answers in host memory.",
+        "loaded with `tf.saved_model.load` in a process that imports TensorFlow only (checked: no scann, "
+        "no cmsf_tf). Latencies are per call, answers in host memory.",
         "",
         "| index rows | signature | batch | p50 ms | p99 ms | images/s |",
         "|---:|---|---:|---:|---:|---:|",
@@ -181,7 +194,11 @@ def main():
         try:
             write_saved_model(encoder, os.path.join(export_dir, "model"),
                               synthetic_index(size, encoder.feature_dim, args.classes, args.k, args.index_dtype))
-            found = rows_of(size, measure(os.path.join(export_dir, "model"), batches, args.image_size, args.calls))
+            times, foreign = measure_in_a_fresh_process(os.path.join(export_dir, "model"), batches, args.image_size,
+                                                        args.calls)
+            if foreign:
+                sys.exit(f"bench_serving: the serving process loaded {', '.join(foreign)}: not stock TensorFlow")
+            found = rows_of(size, times)
         finally:
             shutil.rmtree(export_dir, ignore_errors=True)
         for r in found:
@@ -192,6 +209,7 @@ def main():
     record = emit_json("bench_serving", rows, args.json, command=command, versions=versions("tensorflow", "keras"),
                        network=f"{args.arch} width {args.width} at {args.image_size} px",
                        feature_dim=encoder.feature_dim, k=args.k, index_dtype=args.index_dtype,
+                       served_by="a process with TensorFlow only (no scann, no cmsf_tf)",
                        summary=summary(rows, sizes))
     if args.doc:
         write_doc(args.doc, record)
