@@ -30,6 +30,7 @@ bench: deps bench-deps
 	$(PY) tools/bench_step.py --nets=demo --methods=msf --intra_op=2 --processes=6 --rounds=3 --busy_cores=1 --json=bench/results_processes.json
 	$(PY) tools/bench_step.py --nets=resnet50 --methods=byol,cmsf_2q,cmsf_km --alternate_methods --no_torch --rounds=10 --steps=2 --json=bench/results_r50_alternating.json
 	$(PY) tools/bench_step.py --nets=resnet50 --methods=byol,cmsf_sup,cmsf_pseudo --alternate_methods --no_torch --rounds=10 --steps=2 --json=bench/results_r50_alternating.json
+	$(PY) tools/bench_step.py --nets=demo,resnet50 --methods=msf,cmsf_2q,cmsf_km --compare_multi_crop=6:12:96 --no_torch --json=bench/results_multi_crop.json
 	$(PY) tools/bench_nn.py --json=bench/results.json
 	$(PY) tools/profile_step.py --method=msf --json=bench/results.json
 	$(PY) tools/profile_step.py --method=cmsf_2q --json=bench/results.json
