@@ -105,3 +105,14 @@ def test_the_activation_estimate_agrees_with_the_allocator_peak_of_a_real_step(m
     assert 0.65 < measured / estimated < 1.35
     twice, _ = memory_plan.measured_activations(cfg, 32, 16)
     assert 0.8 < twice / measured < 1.25  # per image: the same whatever the batch
+
+
+def test_small_crops_add_their_own_online_pass_to_the_activations():
+    cfg = _tiny("msf")
+    plain = memory_plan.plan(cfg, replicas=1, num_images=40, num_classes=10)
+    crops = memory_plan.plan(config.make(**{**cfg.to_dict(), "multi_crop": "4:8:0.1:0.3"}), replicas=1,
+                             num_images=40, num_classes=10)
+    assert crops["state"] == plain["state"]  # queries only: no new state
+    # 4 crops of 8 px hold about 4 x (8 / 16)^2 = 1 image of 16 px more (the stem's share rounds it).
+    ratio = crops["activations"] / plain["activations"]
+    assert 1.6 < ratio < 2.4, ratio

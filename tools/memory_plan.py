@@ -120,6 +120,13 @@ def plan(cfg, replicas, num_images, num_classes):
             else:
                 model(images, training=True)
             per_image["activations"] = _kept_bytes(graph, start, probe)
+            spec = config.multi_crop_spec(cfg.multi_crop, cfg.image_size)
+            if spec and hasattr(model, "online_prediction"):  # N small crops per image: one more online pass
+                n, size = spec[:2]
+                small = tf.compat.v1.placeholder(tf.float32, [probe * n, size, size, 3])
+                start = len(graph.get_operations())
+                model.online_prediction(small, training=True)
+                per_image["activations"] += _kept_bytes(graph, start, probe)
             searched = [v for v in model.weights if v.path.endswith("embeddings") and v.shape[0] == cfg.bank_size]
             per_image["search"] = len(searched) * cfg.bank_size * 4 if hasattr(model, "bank") else 0
     finally:
