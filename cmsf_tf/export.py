@@ -72,8 +72,9 @@ class IndexData:
         self.search, self.subset, self.dtype = search, subset, dtype
 
 
-def index_data(encoder, knn_cfg, log=print):
-    """IndexData of the training split (or its labelled part) for evaluate knn's settings in `knn_cfg`."""
+def index_data(encoder, knn_cfg, log=print, dtype="float32"):
+    """IndexData of the training split (or its labelled part) for evaluate knn's settings in `knn_cfg`,
+    its features to be served in `dtype`."""
     import numpy as np
 
     from cmsf_tf import evaluate
@@ -100,7 +101,7 @@ def index_data(encoder, knn_cfg, log=print):
     # Array data sets name an image by its position: the ids say as much, so no names are stored.
     named = any(n != str(i) for i, n in enumerate(names))
     return IndexData(feats, labels, np.array(names, dtype=object) if named else None, source.num_classes, k,
-                     knn_cfg.knn_vote, knn_cfg.knn_temperature, knn_cfg.knn_search, subset)
+                     knn_cfg.knn_vote, knn_cfg.knn_temperature, knn_cfg.knn_search, subset, dtype)
 
 
 def _scann_state(index):
@@ -270,9 +271,8 @@ def main(argv):
         enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
         if os.path.exists(cfg.export_dir) and os.listdir(cfg.export_dir):
             raise config.UsageError(f"--export_dir {cfg.export_dir} exists and is not empty")
-        index = index_data(enc, cfg.knn, lambda m: print(m, file=sys.stderr, flush=True)) if cfg.index else None
-        if index is not None:
-            index.dtype = cfg.index_dtype
+        index = index_data(enc, cfg.knn, lambda m: print(m, file=sys.stderr, flush=True),
+                           cfg.index_dtype) if cfg.index else None
         write_saved_model(enc, cfg.export_dir, index)
     except (config.UsageError, encoders.EncoderError) as e:
         print(f"error: {e}", file=sys.stderr)

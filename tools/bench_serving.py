@@ -24,7 +24,6 @@ are stated in: classify / serve at batch 64 (target: at most 3 at 60,000 rows) a
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 
@@ -98,9 +97,11 @@ def measure_in_a_fresh_process(*args):
 
 
 def rows_of(size, times):
+    from benchlib import median_ms
+
     rows = []
     for (name, batch), seconds in times.items():
-        p50 = 1000.0 * statistics.median(seconds)
+        p50 = median_ms(seconds)
         rows.append({"index": size, "signature": name, "batch": batch, "calls": len(seconds),
                      "p50_ms": round(p50, 2), "p99_ms": round(percentile_ms(seconds, 99), 2),
                      "images_per_s": round(batch / (p50 / 1000.0), 1)})

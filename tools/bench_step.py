@@ -167,7 +167,7 @@ def worker(conn, framework, method, net, threads):
         if framework == XLA:
             run = tf_step(method, net, dict(threads, jit=True))
         elif framework == MULTI_CROP:
-            run = tf_step(method, net, dict(threads, multi_crop=threads["compare_multi_crop"][net["name"]]))
+            run = tf_step(method, net, dict(threads, multi_crop=net["multi_crop"]))
         else:
             run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
@@ -318,9 +318,8 @@ def main(argv=None):
             n, demo, r50 = (int(v) for v in args.compare_multi_crop.split(":"))
         except ValueError:
             sys.exit("bench_step: --compare_multi_crop is N:SIZE_DEMO:SIZE_RESNET50, e.g. 6:14:96")
-        threads["compare_multi_crop"] = {"demo": (n, demo), "resnet50": (n, r50), "tiny": (n, 8)}
-    for name, net in NETS.items():
-        net.setdefault("name", name)
+        for name, size in (("demo", demo), ("resnet50", r50), ("tiny", 8)):
+            NETS[name]["multi_crop"] = (n, size)
     if args.processes:
         return main_processes(args, frameworks, threads)
     rows = []
@@ -352,8 +351,8 @@ def main(argv=None):
                         row["vs_torch"] = round(r["ms"] / res[("pytorch", method)]["ms"], 3)
                     if fw == MULTI_CROP and "ms" in res.get(("cmsf_tf", method), {}):
                         row["vs_single_crop"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
-                        print(f"{'':12s} {'':11s} with {threads['compare_multi_crop'][net_name][0]} small crops of "
-                              f"{threads['compare_multi_crop'][net_name][1]} px: {row['vs_single_crop']:.3f}x the step")
+                        print(f"{'':12s} {'':11s} with {net['multi_crop'][0]} small crops of {net['multi_crop'][1]} px: "
+                              f"{row['vs_single_crop']:.3f}x the step")
                     if fw == XLA and "ms" in res.get(("cmsf_tf", method), {}):
                         row["vs_no_xla"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
                     print(f"{method:12s} {fw:11s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "

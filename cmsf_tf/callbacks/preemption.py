@@ -33,7 +33,6 @@ class CoordinatedStop(keras.callbacks.Callback):
         super().__init__()
         self.stop_reason = None  # set on the worker that received the signal only
         self._requested = threading.Event()
-        self._saver = saver
         termination = tf.distribute.experimental.TerminationConfig(
             termination_watcher_fn=self._requested.is_set,  # polled once a second by the handler's thread
             exit_fn=self._raise, grace_period=0, save_fn=saver.save_now)
