@@ -40,6 +40,8 @@ from cmsf_tf import config  # noqa: E402  (no TensorFlow: config is absl and Num
 
 config.quiet_tensorflow()  # before any TensorFlow import: no INFO lines, no CUDA error on a machine without a GPU
 
+MULTI_CROP = "--multi_crop=6:12:0.05:0.2"
+MULTI_CROP_EPOCHS = 11
 # row: (flagfile, extra training flags, seeds). Three seeds for the rows whose ordering is the paper's
 # main claim, two for the others.
 ROWS = {
@@ -50,6 +52,17 @@ ROWS = {
     # The authors' fill rule for constrained sets shorter than k (docs/parity.md): run beside cmsf_km in
     # results/fmnist/fill, which holds both rows trained by the same code.
     "cmsf_km_official": ("flags/fmnist_cmsf_km.cfg", ["--constraint_fill=official"], 2),
+    # Multi-crop (docs/multi_crop.md): 6 small crops of 12 px (28 px x 96/224, ImageNet's proportion) covering
+    # 0.05-0.2 of the image, the range below the main crops' (--crop_min_scale=0.2), as SwAV's small crops
+    # cover the range below its large ones. Run in results/fmnist/multi_crop against the rows without, at
+    # equal epochs (_mc) and at equal wall-clock (_mc_time: a step with the crops takes 1.86x as long on
+    # this network, bench/results_multi_crop.json, so 11 epochs cost what 20 cost without).
+    "msf_mc": ("flags/fmnist_msf.cfg", [MULTI_CROP], 2),
+    "cmsf_2q_mc": ("flags/fmnist_cmsf_2q.cfg", [MULTI_CROP], 2),
+    "cmsf_km_mc": ("flags/fmnist_cmsf_km.cfg", [MULTI_CROP], 2),
+    "msf_mc_time": ("flags/fmnist_msf.cfg", [MULTI_CROP, f"--epochs={MULTI_CROP_EPOCHS}"], 2),
+    "cmsf_2q_mc_time": ("flags/fmnist_cmsf_2q.cfg", [MULTI_CROP, f"--epochs={MULTI_CROP_EPOCHS}"], 2),
+    "cmsf_km_mc_time": ("flags/fmnist_cmsf_km.cfg", [MULTI_CROP, f"--epochs={MULTI_CROP_EPOCHS}"], 2),
     "cmsf_pseudo": ("flags/fmnist_pseudo.cfg", [], 2),
     "cmsf_sup": ("flags/fmnist_sup.cfg", [], 2),
     "xent": ("flags/fmnist_xent.cfg", [], 2),
@@ -78,6 +91,16 @@ ORDERINGS = [
     ("cmsf_km", "msf", "knn_top1_k20", "CMSF-KM > MSF on k-NN (self-supervised)"),
     ("msf", "byol", "knn_top1_k20", "MSF > BYOL on k-NN"),
     ("cmsf_km", "cmsf_km_official", "knn_top1_k20", "CMSF-KM: nearest fill vs the authors' fill (not a claim of the paper)"),
+    ("msf_mc", "msf", "knn_top1_k20", "multi-crop lifts MSF, equal epochs (not a claim of the paper)"),
+    ("msf_mc_time", "msf", "knn_top1_k20", "multi-crop lifts MSF, equal wall-clock (not a claim of the paper)"),
+    ("cmsf_2q_mc", "cmsf_2q", "knn_top1_k20", "multi-crop lifts CMSF-2Q, equal epochs (not a claim of the paper)"),
+    ("cmsf_2q_mc_time", "cmsf_2q", "knn_top1_k20",
+     "multi-crop lifts CMSF-2Q, equal wall-clock (not a claim of the paper)"),
+    ("cmsf_km_mc", "cmsf_km", "knn_top1_k20", "multi-crop lifts CMSF-KM, equal epochs (not a claim of the paper)"),
+    ("cmsf_km_mc_time", "cmsf_km", "knn_top1_k20",
+     "multi-crop lifts CMSF-KM, equal wall-clock (not a claim of the paper)"),
+    ("cmsf_2q_mc", "msf_mc", "knn_top1_k20", "CMSF-2Q > MSF on k-NN, both with multi-crop"),
+    ("cmsf_km_mc", "msf_mc", "knn_top1_k20", "CMSF-KM > MSF on k-NN, both with multi-crop"),
     ("cmsf_pseudo", "msf", "semi10_top1", "CMSF-Pseudo (10% labels) > MSF, semi-supervised protocol"),
     ("cmsf_pseudo", "msf", "semi10_lr01_top1", "CMSF-Pseudo (10% labels) > MSF, semi-supervised protocol, head lr 0.01"),
     ("cmsf_pseudo", "msf", "knn10_top1_k1", "CMSF-Pseudo (10% labels) > MSF, 1-NN over the labelled 10%"),
@@ -325,8 +348,9 @@ def results_table(rows, floor):
 
 
 def ordering_lines(rows):
+    """The orderings that involve a row of this study (a study of a few rows lists only its own)."""
     return [f"- **{claim}** (`{metric}`): {ordering_verdict(better, worse, metric, rows)[0]}."
-            for better, worse, metric, claim in ORDERINGS]
+            for better, worse, metric, claim in ORDERINGS if better in rows or worse in rows]
 
 
 def write_readme_block(readme, records, floor, planned):
@@ -565,6 +589,9 @@ def main():
     # One worker process per run (a crash costs that run only); --quick: one for all (TensorFlow starts once).
     groups = [pending] if args.quick and pending else [[p] for p in pending]
     failed, done = [], len(plan) - len(pending)
+    shown_runs = os.path.relpath(os.path.abspath(args.runs), ROOT)
+    if shown_runs.startswith(".."):  # outside the checkout: named as if under runs/
+        shown_runs = os.path.join("runs", os.path.basename(os.path.abspath(args.runs)))
     for group in groups:
         names = [run_name(row, seed) for row, seed, _ in group]
         log_path = os.path.join(args.runs, f"{names[0] if len(names) == 1 else 'quick'}.log")
@@ -583,8 +610,8 @@ def main():
                 continue
             commands = {"train": "python -m cmsf_tf.train " + " ".join(spec["train"])}
             commands.update({n: f"python -m cmsf_tf.evaluate {p} " + " ".join(a) for n, p, a in spec["evals"]})
-            # As run from the checkout with the default --runs: no machine's absolute paths in the record.
-            commands = {n: c.replace(os.path.abspath(args.runs), "runs/fmnist") for n, c in commands.items()}
+            # As run from the checkout: no machine's absolute paths in the record.
+            commands = {n: c.replace(os.path.abspath(args.runs), shown_runs) for n, c in commands.items()}
             record = collect(row, seed, spec["model_dir"], commands)
             out_path = os.path.join(args.out, f"{name}.json")
             with open(out_path + ".tmp", "w") as f:
