@@ -21,8 +21,8 @@ test: deps data
 test-fast: deps data
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning -m "not e2e" tests
 
-# Benchmarks (ratios measured in one run; see README, Performance). Installs the optional PyTorch,
-# faiss and matplotlib of requirements-bench.txt, appends to bench/results.json, rewrites the README's table.
+# Benchmarks (ratios measured in one run; bench/README.md). Installs the optional PyTorch,
+# faiss and matplotlib of requirements-bench.txt, appends to bench/results.json, rewrites the table in bench/README.md.
 bench: deps bench-deps
 	mkdir -p bench
 	$(PY) tools/bench_step.py --json=bench/results.json
@@ -38,7 +38,7 @@ bench: deps bench-deps
 	$(PY) tools/bench_kmeans.py --json=bench/results.json
 	$(PY) tools/bench_knn.py --n=200000 --queries=2000 --json=bench/results.json
 	$(PY) tools/bench_serving.py --json=bench/results_serving.json --doc=bench/serving.md
-	$(PY) tools/bench_report.py --results=bench/results.json --readme=README.md
+	$(PY) tools/bench_report.py --results=bench/results.json --readme=bench/README.md
 
 # Step parity with the authors' code: our train step of every method against its PyTorch transcription
 # (tools/parity_torch.py), 5 steps from the same weights, views and state; writes results/parity/ and the
@@ -46,7 +46,7 @@ bench: deps bench-deps
 parity: deps data
 	$(PY) tools/parity.py --golden=tests/data/parity
 
-# The Fashion-MNIST study behind the README's learning-quality tables: every method, several seeds
+# The Fashion-MNIST study behind docs/results.md: every method, several seeds
 # (hours of CPU; resumable: run it again to continue). Writes results/fmnist/. Needs matplotlib.
 reproduce: deps data
 	$(PY) -m pip install -q matplotlib

@@ -24,13 +24,14 @@ import numpy as np
 from absl import flags
 
 from cmsf_tf import config, weights_io
+from cmsf_tf.errors import UserError
+from cmsf_tf.rundir import RunDir
 
 # The parts of a mean-shift model a checkpoint may carry, as the model (methods/base.py) names them.
 PARTS = ("online_backbone", "target_backbone", "online_projector", "target_projector", "predictor")
-IMPORTED = "imported.json"  # in a converted run directory: where its weights came from
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """Weights that do not fit, said in one sentence."""
 
 
@@ -164,9 +165,10 @@ def resolve_checkpoint(path):
     import tensorflow as tf
 
     if os.path.isdir(path):
-        found = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+        checkpoints = RunDir(path).checkpoints
+        found = tf.train.latest_checkpoint(checkpoints)
         if found is None:
-            raise ConvertError(f"{path} holds no checkpoint (nothing in {os.path.join(path, 'checkpoints')})")
+            raise ConvertError(f"{path} holds no checkpoint (nothing in {checkpoints})")
         return found
     if path.endswith((".pth", ".pt", ".safetensors")):
         raise ConvertError(f"{path} is a PyTorch file; convert it first: python -m cmsf_tf.convert from_torch "
@@ -212,11 +214,11 @@ def init_model(model, path, log=print):
 
 def imported_checkpoint(model_dir):
     """The checkpoint a converted run directory holds (written by from_torch), or None."""
-    path = os.path.join(model_dir, IMPORTED)
-    if not os.path.isfile(path):
+    run = RunDir(model_dir)
+    if not os.path.isfile(run.imported_path):
         return None
-    with open(path) as f:
-        return os.path.join(model_dir, "checkpoints", json.load(f)["checkpoint"])
+    with open(run.imported_path) as f:
+        return run.checkpoint(json.load(f)["checkpoint"])
 
 
 # ----- the commands -----
@@ -232,7 +234,7 @@ def from_torch(cfg, checkpoint, log=print):
     if found != (cfg.arch, cfg.width):
         raise ConvertError(f"{checkpoint} holds a {found[0]} of width {found[1]}, not the {cfg.arch} of width "
                            f"{cfg.width} asked for (--arch, --width)")
-    checkpoints = os.path.join(cfg.model_dir, "checkpoints")
+    checkpoints = RunDir(cfg.model_dir).checkpoints
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise ConvertError(f"--model_dir {cfg.model_dir} already holds checkpoints; convert into a new directory")
 
@@ -276,7 +278,7 @@ def from_torch(cfg, checkpoint, log=print):
             "imported": sorted(p for p in parts if p in PARTS),
             "copied": sorted(p for p in networks if p not in parts),
             "new": sorted(p for p in PARTS if p not in networks), "ignored": len(ignored)}
-    with open(os.path.join(cfg.model_dir, IMPORTED), "w") as f:
+    with open(RunDir(cfg.model_dir).imported_path, "w") as f:
         json.dump(info, f, indent=2)
     log(f"converted {checkpoint} ({layout} layout, {cfg.arch} width {cfg.width}) into {saved}")
     log(f"  imported: {', '.join(p.replace('_', ' ') for p in info['imported'])}")
@@ -316,27 +318,21 @@ def main(argv):
         print(f"error: give one command, {' or '.join(COMMANDS)} (got {' '.join(argv[1:]) or 'none'})",
               file=sys.stderr)
         sys.exit(2)
-    from cmsf_tf.eval import encoder
-
     FLAGS = flags.FLAGS
-    try:
-        if argv[1] == "from_torch":
-            if not FLAGS.checkpoint:
-                raise config.UsageError("from_torch needs --checkpoint=FILE.pth or FILE.safetensors")
-            cfg = config.from_flags()
-            from_torch(cfg, FLAGS.checkpoint)
-        else:
-            if not FLAGS.output:
-                raise config.UsageError("to_torch needs --output=FILE.pth or FILE.safetensors")
-            to_torch(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.output)
-    except (config.UsageError, ConvertError, weights_io.WeightsError, encoder.EncoderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if argv[1] == "from_torch":
+        if not FLAGS.checkpoint:
+            raise config.UsageError("from_torch needs --checkpoint=FILE.pth or FILE.safetensors")
+        cfg = config.from_flags()
+        from_torch(cfg, FLAGS.checkpoint)
+    else:
+        if not FLAGS.output:
+            raise config.UsageError("to_torch needs --output=FILE.pth or FILE.safetensors")
+        to_torch(FLAGS.model_dir, FLAGS.checkpoint, FLAGS.encoder, FLAGS.output)
 
 
 def cli():
     """The `cmsf-convert` console script: `python -m cmsf_tf.convert`."""
-    config.run_entry_point(main)
+    config.run_entry_point(main, "convert")
 
 
 if __name__ == "__main__":

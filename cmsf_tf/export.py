@@ -77,17 +77,17 @@ def index_data(encoder, knn_cfg, log=print, dtype="float32"):
     its features to be served in `dtype`."""
     import numpy as np
 
-    from cmsf_tf import evaluate
     from cmsf_tf.data import pipeline
     from cmsf_tf.eval import knn
+    from cmsf_tf.eval.context import EvalContext
 
-    dataset, data_dir, class_list, label_split, seed = evaluate.data_settings(knn_cfg, encoder.info)
-    source = evaluate.load_source(dataset, data_dir, class_list)
+    ctx = EvalContext(knn_cfg, encoder, log)
+    dataset, source = ctx.dataset, ctx.source()
     keep, subset = None, "all"
     if knn_cfg.index_split == "labelled":
-        if not label_split:
+        if not ctx.label_split:
             raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
-        _, keep, subset, _ = evaluate.labelled_subset(source, dataset, label_split, seed)
+        _, keep, subset, _ = ctx.labelled_subset(source)
     log(f"extracting the index: {subset} training images of {dataset} ...")
     names = []
     feats, labels = knn.features_and_labels(
@@ -266,17 +266,13 @@ def main(argv):
         sys.exit(2)
     from cmsf_tf.eval import encoder as encoders
 
-    try:
-        cfg = config.export_from_flags()
-        enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
-        if os.path.exists(cfg.export_dir) and os.listdir(cfg.export_dir):
-            raise config.UsageError(f"--export_dir {cfg.export_dir} exists and is not empty")
-        index = index_data(enc, cfg.knn, lambda m: print(m, file=sys.stderr, flush=True),
-                           cfg.index_dtype) if cfg.index else None
-        write_saved_model(enc, cfg.export_dir, index)
-    except (config.UsageError, encoders.EncoderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = config.export_from_flags()
+    enc = encoders.from_checkpoint(cfg.model_dir, cfg.checkpoint or None, cfg.encoder)
+    if os.path.exists(cfg.export_dir) and os.listdir(cfg.export_dir):
+        raise config.UsageError(f"--export_dir {cfg.export_dir} exists and is not empty")
+    index = index_data(enc, cfg.knn, lambda m: print(m, file=sys.stderr, flush=True),
+                       cfg.index_dtype) if cfg.index else None
+    write_saved_model(enc, cfg.export_dir, index)
     served = f", with a {len(index.features)}-image k-NN index" if cfg.index else ""
     print(f"exported the {cfg.encoder} backbone of {enc.info['path']} (step {enc.info['step']}) to "
           f"{cfg.export_dir}{served}")
@@ -284,7 +280,7 @@ def main(argv):
 
 def cli():
     """The `cmsf-export` console script: `python -m cmsf_tf.export`."""
-    config.run_entry_point(main)
+    config.run_entry_point(main, "export")
 
 
 if __name__ == "__main__":

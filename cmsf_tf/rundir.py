@@ -1,4 +1,8 @@
-"""The run directory (--model_dir): one run at a time, readable flags, and checkpoints never lost.
+"""The run directory (--model_dir): its layout, one run at a time, readable flags, and checkpoints never lost.
+
+- `RunDir`: the one owner of the layout. Every module asks it where a run keeps a thing (flags.json,
+  checkpoints/, tensorboard/, eval/, result.json, the lock, the k-NN curve, ...) and it alone reads
+  flags.json (with renamed settings upgraded); nobody else joins a path onto --model_dir.
 
 - `lock`: an exclusive `fcntl.flock` on `<model_dir>/.lock`, held for the life of the process. The kernel
   drops it when the process ends, however it ends (kill -9 included), so a stale lock cannot exist.
@@ -19,16 +23,94 @@ import shutil
 
 import numpy as np
 
+from cmsf_tf.errors import UserError
+
 _CKPT = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """A problem with --model_dir, said in one sentence."""
+
+
+# Settings renamed since: old name -> new name. The old flag stays an alias (config.define_flags); a run
+# directory written with the old name reads as the new one (RunDir.flags).
+RENAMED = {"sup_bank_size": "labelled_cache_size"}
+
+
+def upgrade_flags(saved):
+    """A run's flags.json dict with renamed settings under their current names."""
+    return {RENAMED.get(name, name): value for name, value in saved.items()}
+
+
+class RunDir:
+    """Where a run keeps each thing (paths only: nothing is created by asking)."""
+
+    FLAGS = "flags.json"
+    CHECKPOINTS = "checkpoints"
+    TENSORBOARD = "tensorboard"
+    EVAL = "eval"
+    RESULT = "result.json"
+    LOCK = ".lock"
+    IMPORTED = "imported.json"  # written by convert from_torch: the run holds converted weights
+    KNN_CURVE = "knn_curve.jsonl"  # the --knn_every curve, one JSON line per measurement
+    RANK_HISTOGRAMS = "constrained_ranks.jsonl"  # per-epoch histograms of the constrained neighbours' ranks
+
+    def __init__(self, path):
+        self.path = path
+
+    def __repr__(self):
+        return f"RunDir({self.path!r})"
+
+    def _join(self, *parts):
+        return os.path.join(self.path, *parts)
+
+    flags_path = property(lambda self: self._join(self.FLAGS))
+    checkpoints = property(lambda self: self._join(self.CHECKPOINTS))
+    tensorboard = property(lambda self: self._join(self.TENSORBOARD))
+    eval_dir = property(lambda self: self._join(self.EVAL))
+    result_path = property(lambda self: self._join(self.RESULT))
+    lock_path = property(lambda self: self._join(self.LOCK))
+    imported_path = property(lambda self: self._join(self.IMPORTED))
+    knn_curve = property(lambda self: self._join(self.KNN_CURVE))
+    rank_histograms = property(lambda self: self._join(self.RANK_HISTOGRAMS))
+    features_dir = property(lambda self: self._join(self.EVAL, "features"))  # evaluate's cached features
+    neighbours_png = property(lambda self: self._join(self.EVAL, "neighbours.png"))
+    projector_dir = property(lambda self: self._join(self.TENSORBOARD, "projector"))
+    eval_logdir = property(lambda self: self._join(self.TENSORBOARD, "eval"))
+    study_dir = property(lambda self: self._join("study"))  # tools/reproduce_small.py's evaluations of the run
+
+    def eval_result(self, protocol):
+        """eval/<protocol>.json: what `evaluate PROTOCOL` wrote last."""
+        return self._join(self.EVAL, f"{protocol}.json")
+
+    def checkpoint(self, name):
+        """checkpoints/<name>: a checkpoint prefix by its file name (ckpt-N)."""
+        return self._join(self.CHECKPOINTS, name)
+
+    def exists(self):
+        return os.path.isdir(self.path)
+
+    def is_run(self):
+        """Whether a training (or convert from_torch) wrote here: it has flags.json."""
+        return os.path.isfile(self.flags_path)
+
+    def flags(self):
+        """The run's settings from flags.json, renamed settings under their current names; None when
+        there is no flags.json; RunDirError naming the file when it is damaged."""
+        if not self.is_run():
+            return None
+        return upgrade_flags(read_flags(self.flags_path))
+
+    def write_flags(self, values):
+        write_flags(self.flags_path, values)
+
+    def lock(self):
+        return lock(self.path)
 
 
 def lock(model_dir):
     """Takes the run directory's exclusive lock; returns the open lock file (keep it open)."""
-    path = os.path.join(model_dir, ".lock")
+    path = os.path.join(model_dir, RunDir.LOCK)
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -47,13 +47,9 @@ def prepare_model_dir(cfg):
     except OSError as e:
         raise config.UsageError(f"cannot write to --model_dir {path}: {e.strerror or e}") from None
     chief = is_chief_process(cfg)
-    try:
-        held = rundir.lock(path) if chief else None
-        saved = os.path.join(path, "flags.json")
-        previous = config.upgrade_flags(rundir.read_flags(saved)) if os.path.exists(saved) and os.path.isdir(
-            os.path.join(path, "checkpoints")) else None
-    except rundir.RunDirError as e:
-        raise config.UsageError(str(e)) from None
+    run = rundir.RunDir(path)
+    held = run.lock() if chief else None
+    previous = run.flags() if os.path.isdir(run.checkpoints) else None
     if previous is not None:
         for name in config.RUN_IDENTITY:
             if name in previous and previous[name] != getattr(cfg, name):
@@ -62,7 +58,7 @@ def prepare_model_dir(cfg):
                     f"--{name}={getattr(cfg, name)}; use another --model_dir or the same flags to resume")
     if chief:
         # Written whole then renamed: another worker reading it meanwhile sees the old file or the new, never half.
-        rundir.write_flags(saved, cfg.to_dict())
+        run.write_flags(cfg.to_dict())
     return held
 
 
@@ -77,14 +73,11 @@ def learning_rate_schedule(cfg, total_steps, steps_per_epoch):
 
 
 def training_labels(cfg, source):
-    """data.labels.training_labels with the run's settings; its errors as UsageError."""
+    """data.labels.training_labels with the run's settings."""
     from cmsf_tf.data import labels
 
-    try:
-        return labels.training_labels(source, cfg.label_split, cfg.label_noise, cfg.label_noise_file, cfg.seed,
-                                      cfg.dataset)
-    except labels.LabelError as e:
-        raise config.UsageError(str(e)) from None
+    return labels.training_labels(source, cfg.label_split, cfg.label_noise, cfg.label_noise_file, cfg.seed,
+                                  cfg.dataset)
 
 
 def build_model(cfg, sync_bn, num_images, num_classes):
@@ -171,20 +164,17 @@ def run(cfg, log=print):
     _RUN_LOCKS.append(prepare_model_dir(cfg))  # held until the process ends (released by the kernel then)
     from cmsf_tf.data import sources  # NumPy only: bad data is reported before TensorFlow loads
 
-    try:
-        source = sources.load(cfg.dataset, cfg.data_dir, cfg.class_list, cfg.max_corrupt_fraction)
-    except sources.DataError as e:
-        raise config.UsageError(str(e)) from None
-    for path, reason in getattr(source, "skipped", ())[:20]:
+    source = sources.load(cfg.dataset, cfg.data_dir, cfg.class_list, cfg.max_corrupt_fraction)
+    for path, reason in source.skipped[:20]:
         log(f"warning: skipping {path}: {reason}")
-    if len(getattr(source, "skipped", ())) > 20:
+    if len(source.skipped) > 20:
         log(f"warning: {len(source.skipped)} corrupt images skipped in all")
-    if not sources.has_train_labels(source):
+    if not source.has_train_labels():
         if cfg.label_split or cfg.label_noise or cfg.label_noise_file:
             raise config.UsageError(f"--label_split/--label_noise need labels, and {cfg.dataset}'s training images "
                                     "have none (no class folders)")
-        if cfg.knn_eval and cfg.knn_every and sources.knn_source(source) is None:
-            raise config.UsageError(sources.no_labels_reason(source, cfg.dataset, "--knn_every"))
+        if cfg.knn_eval and cfg.knn_every and source.knn_source() is None:
+            raise config.UsageError(source.no_labels_reason(cfg.dataset, "--knn_every"))
     labels = training_labels(cfg, source)
 
     from cmsf_tf import distribute
@@ -224,8 +214,8 @@ def run(cfg, log=print):
     total_steps = steps_per_epoch * cfg.epochs
 
     from cmsf_tf.methods import METHODS
-    if METHODS[cfg.method].needs_labels and not sources.has_train_labels(source):
-        raise config.UsageError(f"{sources.no_labels_reason(source, cfg.dataset, '--method=' + cfg.method)}; "
+    if METHODS[cfg.method].needs_labels and not source.has_train_labels():
+        raise config.UsageError(f"{source.no_labels_reason(cfg.dataset, '--method=' + cfg.method)}; "
                                 "train a self-supervised method (byol, msf, cmsf_2q, cmsf_km)")
     jit_compile = distribute.resolve_jit_compile(cfg.jit_compile, cfg.strategy, cfg.deterministic)
     with strategy.scope():
@@ -241,16 +231,14 @@ def run(cfg, log=print):
     # Multi-worker: every worker must take part in saving (it is a collective), but only the chief
     # writes into --model_dir; the others save into a throwaway directory and restore from the chief's.
     chief = distribute.is_chief(strategy)
-    checkpoint_dir = os.path.join(cfg.model_dir, "checkpoints")
+    run = rundir.RunDir(cfg.model_dir)
+    checkpoint_dir = run.checkpoints
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    try:
-        if chief:
-            removed = rundir.remove_orphans(checkpoint_dir)
-            if removed:
-                log(f"removed the partial files of an interrupted save: {', '.join(removed)}")
-        latest = rundir.usable_checkpoint(checkpoint_dir, log, repair=chief)
-    except rundir.RunDirError as e:
-        raise config.UsageError(str(e)) from None
+    if chief:
+        removed = rundir.remove_orphans(checkpoint_dir)
+        if removed:
+            log(f"removed the partial files of an interrupted save: {', '.join(removed)}")
+    latest = rundir.usable_checkpoint(checkpoint_dir, log, repair=chief)
     from cmsf_tf import convert
 
     try:
@@ -266,7 +254,7 @@ def run(cfg, log=print):
         raise config.UsageError(f"--init_from: {e}" if not latest else str(e)) from None
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
     step = global_step(model)
-    result_path = os.path.join(cfg.model_dir, "result.json")
+    result_path = run.result_path
     if step >= total_steps and os.path.isfile(result_path):
         log(f"the run in {cfg.model_dir} is finished (step {step} of {total_steps}); {result_path} is unchanged "
             "(raise --epochs to train on, or use another --model_dir)")
@@ -279,7 +267,7 @@ def run(cfg, log=print):
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
     from cmsf_tf.callbacks import monitor
 
-    logdir = os.path.join(cfg.model_dir, "tensorboard")
+    logdir = run.tensorboard
     callbacks = [guard]
     # The method's own callbacks (k-means, pseudo-label head) run before the saver: the checkpoint holds their work.
     callbacks += METHODS[cfg.method].training_callbacks(cfg, steps_per_epoch=steps_per_epoch,
@@ -294,13 +282,13 @@ def run(cfg, log=print):
         callbacks.append(stopper)
     if chief and cfg.knn_eval and cfg.knn_every:  # after the saver: a kill while it measures loses no training
         callbacks.append(monitor.KnnMonitor(
-            cfg.knn_every, sources.knn_source(source), cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
+            cfg.knn_every, source.knn_source(), cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
             queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
-            curve_path=os.path.join(cfg.model_dir, monitor.KNN_CURVE), log=log, jit_compile=jit_compile))
+            curve_path=run.knn_curve, log=log, jit_compile=jit_compile))
     # On every worker: reading the rank histogram (an on-read metric variable) is a collective across
     # workers under MultiWorkerMirroredStrategy; only the chief writes it.
     callbacks.append(monitor.RankHistograms(logdir if chief else None,
-                                            os.path.join(cfg.model_dir, monitor.RANK_HISTOGRAMS) if chief else None))
+                                            run.rank_histograms if chief else None))
     if chief:
         callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
 
@@ -336,15 +324,15 @@ def run(cfg, log=print):
     if step > first_step:
         result["train_images_per_s"] = round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)
 
-    knn_data = sources.knn_source(source)
+    knn_data = source.knn_source()
     if knn_data is not source and knn_data is not None:
         log(f"{cfg.dataset}'s training images have no labels: k-NN uses the labelled val/ split "
             f"({knn_data.num_train} images as the index, {knn_data.num_test} as queries)")
     if cfg.knn_eval and knn_data is None:
-        log(f"no k-NN evaluation: {sources.no_labels_reason(source, cfg.dataset, 'it')}")
+        log(f"no k-NN evaluation: {source.no_labels_reason(cfg.dataset, 'it')}")
     elif cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log, strategy, jit_compile))
-    curve = monitor.read_jsonl(os.path.join(cfg.model_dir, monitor.KNN_CURVE))
+    curve = monitor.read_jsonl(rundir.RunDir(cfg.model_dir).knn_curve)
     if curve:
         result["knn_curve"] = curve
     if cfg.knn_baselines and knn_data is not None:
@@ -353,10 +341,10 @@ def run(cfg, log=print):
         result["baselines"] = {
             "untrained": knn_evaluation(untrained.online_backbone, knn_data, cfg, log, strategy, jit_compile),
         }
-        if hasattr(source, "train_images"):
+        if source.pixel_arrays() is not None:
             result["baselines"]["raw_pixels"] = raw_pixel_knn(source, probe_seed(cfg))
     result["wall_time_s"] = round(time.time() - started, 1)
-    with open(os.path.join(cfg.model_dir, "result.json"), "w") as f:
+    with open(rundir.RunDir(cfg.model_dir).result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
 
@@ -432,11 +420,7 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     try:
-        cfg = config.from_flags()
-        result = run(cfg)
-    except config.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        result = run(config.from_flags())
     except Interrupted as e:
         sys.exit(143 if str(e) == "SIGTERM" else 130)
     except KeyboardInterrupt:
@@ -450,7 +434,7 @@ def main(argv):
 
 def cli():
     """The `cmsf-train` console script: `python -m cmsf_tf.train`."""
-    config.run_entry_point(main)
+    config.run_entry_point(main, "train")
 
 
 if __name__ == "__main__":

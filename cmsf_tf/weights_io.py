@@ -13,8 +13,10 @@ import struct
 
 import numpy as np
 
+from cmsf_tf.errors import UserError
 
-class WeightsError(Exception):
+
+class WeightsError(UserError):
     """A weight file that cannot be read or used, said in one sentence."""
 
 

@@ -173,3 +173,38 @@ def test_multi_crop_spec_reads_the_count_size_and_scales():
     assert config.multi_crop_spec("", 224) is None
     assert config.multi_crop_spec("6:96", 224) == (6, 96, 0.05, 0.14)  # SwAV / DINO's small crops
     assert config.multi_crop_spec("4:14:0.1:0.35", 28) == (4, 14, 0.1, 0.35)
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_each_recipe_names_its_own_run_directory(path):
+    """`python -m cmsf_tf.train --flagfile=flags/X.cfg` works as written: the recipe's run directory is
+    runs/X, and a --model_dir after the flagfile overrides it."""
+    name = os.path.basename(path)[:-len(".cfg")]
+    assert parse(f"--flagfile={path}").model_dir == f"runs/{name}"
+    assert parse(f"--flagfile={path}", "--model_dir=/tmp/elsewhere").model_dir == "/tmp/elsewhere"
+
+
+def test_each_command_defines_its_own_flags_only():
+    train = {s.name for s in config.command_settings("train")}
+    knn = {s.name for s in config.command_settings("evaluate", ["knn"])}
+    linear = {s.name for s in config.command_settings("evaluate", ["linear", "--model_dir=x"])}
+    export = {s.name for s in config.command_settings("export")}
+    assert "linear_epochs" not in train and "bank_size" not in knn and "epochs" not in knn
+    assert "linear_epochs" in linear and "linear_epochs" not in knn and "knn_k" in knn and "knn_k" not in linear
+    assert {"export_dir", "index", "knn_k"} <= export and "linear_epochs" not in export
+    # a method's own settings are declared by the method's registry entry, and every method's are train's
+    from cmsf_tf import methods
+
+    assert {"topk_prime", "num_clusters", "conf_threshold", "label_smoothing"} <= {s.name for s in methods.own_settings()}
+    assert {s.name for s in methods.own_settings()} <= train
+
+
+def test_an_unprepared_tfds_imagenet_says_how_to_provide_it(tmp_path):
+    from cmsf_tf.data import sources
+
+    with pytest.raises(sources.DataError) as error:
+        sources.load("tfds:imagenet2012", str(tmp_path))
+    message = str(error.value)
+    assert f"tfds:imagenet2012 is not prepared in {tmp_path}" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual") in message and "ILSVRC2012_img_train.tar" in message
+    assert "--dataset=folder" in message and "\n" not in message

@@ -634,3 +634,18 @@ def test_the_printed_table_shows_knn_linear_probe_and_rankme_for_each_row(tmp_pa
                          f"{100 * r['linear_top1']:.1f}%", f"{r['rankme']:.1f}"], line
         assert 0.0 < r["linear_top1"] <= 1.0
     assert table[4].strip().startswith("20-NN / 1-NN:") and "linear:" in table[4] and "RankMe:" in table[4]
+
+
+def test_a_flag_of_another_command_is_refused_naming_it():
+    """Each command line accepts its own flags only: a foreign one stops at once with absl's line naming it
+    (before any training, data loading or TensorFlow)."""
+    for module, args, foreign in [
+            ("cmsf_tf.train", ["--model_dir=/tmp/never", "--linear_epochs=5"], "linear_epochs"),
+            ("cmsf_tf.evaluate", ["knn", "--model_dir=/tmp/never", "--bank_size=7"], "bank_size"),
+            ("cmsf_tf.evaluate", ["knn", "--model_dir=/tmp/never", "--linear_epochs=3"], "linear_epochs"),
+            ("cmsf_tf.export", ["--model_dir=/tmp/never", "--export_dir=/tmp/never_export", "--epochs=3"], "epochs")]:
+        out = run_cli(module, *args, timeout=120)
+        assert out.returncode != 0, (module, args)
+        assert f"Unknown command line flag '{foreign}'" in out.stderr, out.stderr[-1000:]
+        assert "Traceback" not in out.stderr
+    assert not os.path.exists("/tmp/never") and not os.path.exists("/tmp/never_export")

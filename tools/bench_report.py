@@ -1,8 +1,8 @@
 """Renders the newest run of each benchmark in bench/results.json (JSON lines written by the bench_*.py
-tools with --json) as Markdown, and puts it into README.md between the `bench:start` / `bench:end`
+tools with --json) as Markdown, and puts it into bench/README.md between the `bench:start` / `bench:end`
 markers (`--readme`), with the machine it ran on.
 
-    python tools/bench_report.py [--results=bench/results.json] [--readme=README.md]
+    python tools/bench_report.py [--results=bench/results.json] [--readme=bench/README.md]
 """
 
 import argparse
@@ -47,7 +47,7 @@ def _fmt(value):
     return str(value)
 
 
-# tool -> (heading of its newest record and settings, table columns), in the README's order after the step.
+# tool -> (heading of its newest record and settings, table columns), in the page's order after the step.
 SECTIONS = (
     ("bench_nn",
      lambda r, s: (f"Neighbour step (`tools/bench_nn.py`, {r['time']}: B {s['batch']}, bank {s['bank']:,} x "

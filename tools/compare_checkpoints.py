@@ -12,12 +12,15 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def variables(run_dir):
     import tensorflow as tf
 
-    path = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    from cmsf_tf.rundir import RunDir
+
+    path = tf.train.latest_checkpoint(RunDir(run_dir).checkpoints)
     if path is None:
         sys.exit(f"error: {run_dir} has no checkpoint")
     reader = tf.train.load_checkpoint(path)

@@ -37,6 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cmsf_tf import config  # noqa: E402  (no TensorFlow: config is absl and NumPy only)
+from cmsf_tf.rundir import RunDir  # noqa: E402
 
 config.quiet_tensorflow()  # before any TensorFlow import: no INFO lines, no CUDA error on a machine without a GPU
 
@@ -153,13 +154,13 @@ def worker(specs):
     for spec in specs:
         keras.backend.clear_session()
         model_dir = spec["model_dir"]
-        if not os.path.isfile(os.path.join(model_dir, "result.json")):
+        if not os.path.isfile(RunDir(model_dir).result_path):
             FLAGS.unparse_flags()
             FLAGS(["cmsf_tf.train", *spec["train"]])
             train.run(config.from_flags())
-        os.makedirs(os.path.join(model_dir, "study"), exist_ok=True)
+        os.makedirs(RunDir(model_dir).study_dir, exist_ok=True)
         for name, protocol, args in spec["evals"]:
-            path = os.path.join(model_dir, "study", f"{name}.json")
+            path = os.path.join(RunDir(model_dir).study_dir, f"{name}.json")
             if os.path.isfile(path):
                 continue
             FLAGS.unparse_flags()
@@ -189,17 +190,18 @@ def epoch_logs(logdir):
 
 
 def collect(row, seed, model_dir, commands):
-    """The record of a finished run: what the README's tables and the plot are made from."""
+    """The record of a finished run: what the study's tables and the plot are made from."""
     sys.path.insert(0, ROOT)
     from cmsf_tf.callbacks import monitor
 
-    with open(os.path.join(model_dir, "result.json")) as f:
+    run = RunDir(model_dir)
+    with open(run.result_path) as f:
         result = json.load(f)
     record = {"run": run_name(row, seed), "row": row, "method": result["method"], "seed": seed,
               "epochs": result["epochs"], "steps": result["steps"],
               "knn_top1_k1": result["knn_top1_k1"], "knn_top1_k20": result["knn_top1_k20"]}
     for name in ("linear", "knn10", "semi10", "semi10_lr01"):
-        path = os.path.join(model_dir, "study", f"{name}.json")
+        path = os.path.join(run.study_dir, f"{name}.json")
         if not os.path.isfile(path):
             continue
         with open(path) as f:
@@ -217,15 +219,15 @@ def collect(row, seed, model_dir, commands):
         commit = None
     record.update(train_wall_time_s=result.get("wall_time_s"), train_images_per_s=result.get("train_images_per_s"),
                   commit=commit, commands=commands)
-    curve = monitor.read_jsonl(os.path.join(model_dir, monitor.KNN_CURVE))
+    curve = monitor.read_jsonl(run.knn_curve)
     record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")] for r in curve]
     if curve:
         record["knn_curve_sizes"] = {"queries": curve[-1]["queries"], "index": curve[-1]["index"]}
     if "rankme" in result:  # the features' effective rank (eval.spectrum), final and per epoch
         record["rankme"] = result["rankme"]
         record["rankme_curve"] = [[r["epoch"], r.get("rankme"), r.get("bank_rankme")] for r in curve if "rankme" in r]
-    record["epoch_logs"] = epoch_logs(os.path.join(model_dir, "tensorboard"))
-    ranks = monitor.read_jsonl(os.path.join(model_dir, monitor.RANK_HISTOGRAMS))
+    record["epoch_logs"] = epoch_logs(run.tensorboard)
+    ranks = monitor.read_jsonl(run.rank_histograms)
     if ranks:
         record["rank_histograms"] = {str(r["epoch"]): r["counts"] for r in ranks}
     return record
@@ -354,8 +356,8 @@ def ordering_lines(rows):
 
 
 def write_readme_block(readme, records, floor, planned):
-    """Rewrites the README between <!-- study:start --> and <!-- study:end -->: the study's status, its
-    table and the orderings, from the JSONs (so the README says what the committed results say)."""
+    """Rewrites a page (docs/results.md) between <!-- study:start --> and <!-- study:end -->: the study's status, its
+    table and the orderings, from the JSONs (so the page says what the committed results say)."""
     with open(readme) as f:
         text = f.read()
     start, end = "<!-- study:start -->", "<!-- study:end -->"
@@ -559,7 +561,7 @@ def main():
     parser.add_argument("--data_dir", default="", help="Fashion-MNIST directory (default: the usual place)")
     parser.add_argument("--quick", action="store_true", help="a few steps per method, one seed: a smoke test")
     parser.add_argument("--summary_only", action="store_true", help="rebuild summary.md and the plot only")
-    parser.add_argument("--readme", default="", help="also rewrite this README's <!-- study:start/end --> block")
+    parser.add_argument("--readme", default="", help="also rewrite this page's <!-- study:start/end --> block (docs/results.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -604,7 +606,7 @@ def main():
                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))  # a live log
         for row, seed, spec in group:
             name = run_name(row, seed)
-            if code or not os.path.isfile(os.path.join(spec["model_dir"], "result.json")):
+            if code or not os.path.isfile(RunDir(spec["model_dir"]).result_path):
                 failed.append(name)
                 print(f"  {name} failed (exit {code}); see {log_path}. Run again to continue it.", flush=True)
                 continue

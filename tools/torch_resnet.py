@@ -10,7 +10,7 @@ names and shapes.
 import torch
 from torch import nn
 
-# arch -> (bottleneck?, blocks per stage, small stem), as cmsf_tf.models.backbones.ARCHS
+# arch -> (bottleneck?, blocks per stage, small stem), as cmsf_tf.models.ARCHS
 ARCHS = {"resnet50": (True, (3, 4, 6, 3), False), "resnet18": (False, (2, 2, 2, 2), False),
          "resnet18_small": (False, (2, 2, 2, 2), True)}
 

@@ -15,9 +15,6 @@ import tensorflow as tf
 
 from cmsf_tf.callbacks.checkpoint import global_step
 
-KNN_CURVE = "knn_curve.jsonl"
-RANK_HISTOGRAMS = "constrained_ranks.jsonl"
-
 
 def read_jsonl(path, key="epoch"):
     """The records of a JSON-lines file, the last one per `key` (a resumed run may repeat an epoch), in

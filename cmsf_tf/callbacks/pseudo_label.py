@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from cmsf_tf.callbacks.checkpoint import global_step
-from cmsf_tf.head_training import TorchSGD, cached_batches, step_schedule
+from cmsf_tf.head_training import TorchSGD, cached_batches, fit_head, step_schedule
 
 
 def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256, seed=0, momentum=0.9,
@@ -27,24 +27,18 @@ def train_head(head, features, labels, epochs, lr, milestones=(), batch_size=256
     steps = -(-len(features) // batch_size)
     optimizer = TorchSGD(step_schedule(lr, [m for m in milestones if 0 < m < epochs], steps),
                                      momentum=momentum)
-    variables = head.trainable_variables
 
-    @tf.function(jit_compile=jit_compile)
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            logits = tf.cast(head(x, training=True), tf.float32)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-            if weight_decay:  # coupled L2 on every parameter, biases and BatchNorm included (torch.optim.SGD)
-                loss += 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
+    def step_loss(x, y):  # reports the batch's correct rows; coupled L2 on every parameter (torch.optim.SGD)
+        logits = tf.cast(head(x, training=True), tf.float32)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        return loss, tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
 
     batches = cached_batches(features, labels, batch_size, seed)
-    correct = 0.0
-    for epoch in range(epochs):
-        # BatchNorm needs two rows: a last batch of one is skipped.
-        correct = sum(float(step(tf.constant(x), tf.constant(y))) for x, y in batches(epoch) if len(x) >= 2)
-    return correct / max(len(features), 1)
+    # BatchNorm needs two rows: a last batch of one is skipped.
+    correct = fit_head(step_loss, [(optimizer, head.trainable_variables)],
+                       lambda epoch: ((tf.constant(x), tf.constant(y)) for x, y in batches(epoch) if len(x) >= 2),
+                       epochs, weight_decay, jit_compile=jit_compile)
+    return sum(correct) / max(len(features), 1)
 
 
 class PseudoLabelTrainer(keras.callbacks.Callback):

@@ -10,9 +10,10 @@ import os
 import numpy as np
 
 from cmsf_tf.data import splits
+from cmsf_tf.errors import UserError
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label setting that cannot be used; the message is one sentence for the user."""
 
 

@@ -12,7 +12,9 @@ import os
 
 import tensorflow as tf
 
+from cmsf_tf.errors import UserError
 from cmsf_tf.models import backbones
+from cmsf_tf.rundir import RunDir
 
 # Where a training run's backbones sit in its checkpoint.
 _BACKBONES = {"online": "online_backbone", "target": "target_backbone"}
@@ -20,7 +22,7 @@ _BACKBONES = {"online": "online_backbone", "target": "target_backbone"}
 _RUN_DATA = ("dataset", "data_dir", "class_list", "label_split", "seed")
 
 
-class EncoderError(Exception):
+class EncoderError(UserError):
     """A checkpoint or SavedModel that cannot be evaluated, said in one sentence."""
 
 
@@ -39,18 +41,18 @@ class Encoder:
 
 def run_flags(model_dir):
     """The flags.json of a training run."""
-    path = os.path.join(model_dir, "flags.json")
-    if not os.path.isfile(path):
+    flags = RunDir(model_dir).flags()
+    if flags is None:
         raise NotARunError(f"{model_dir} is not a training run (no flags.json); pass the --model_dir a "
                            "training wrote")
-    with open(path) as f:
-        return json.load(f)
+    return flags
 
 
 def latest_checkpoint(model_dir):
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    checkpoints = RunDir(model_dir).checkpoints
+    path = tf.train.latest_checkpoint(checkpoints)
     if path is None:
-        raise EncoderError(f"{model_dir} has no checkpoint in {os.path.join(model_dir, 'checkpoints')}")
+        raise EncoderError(f"{model_dir} has no checkpoint in {checkpoints}")
     return path
 
 

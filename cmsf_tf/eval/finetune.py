@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf.eval.linear import top_k_accuracy
-from cmsf_tf.head_training import TorchSGD
+from cmsf_tf.head_training import TorchSGD, fit_head
 
 
 def finetune(backbone, feature_dim, num_classes, batches, steps_per_epoch, epochs=20, lr=0.001, head_lr=0.01,
@@ -23,25 +23,22 @@ def finetune(backbone, feature_dim, num_classes, batches, steps_per_epoch, epoch
     total = max(epochs * steps_per_epoch, 1)
     opt_backbone = TorchSGD(keras.optimizers.schedules.CosineDecay(lr, total), momentum=momentum)
     opt_head = TorchSGD(keras.optimizers.schedules.CosineDecay(head_lr, total), momentum=momentum)
-    body_vars, head_vars = backbone.trainable_variables, head.trainable_variables
 
-    @tf.function
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = head(tf.cast(backbone(images, training=True), tf.float32))
-            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-            loss = ce + 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in body_vars + head_vars])
-        grads = tape.gradient(loss, body_vars + head_vars)
-        opt_backbone.apply_gradients(zip(grads[:len(body_vars)], body_vars))
-        opt_head.apply_gradients(zip(grads[len(body_vars):], head_vars))
-        return ce
+    def step_loss(images, labels):
+        logits = head(tf.cast(backbone(images, training=True), tf.float32))
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        return ce, ce
 
     history = []
-    for epoch in range(epochs):
-        losses = [float(step(images, tf.cast(labels, tf.int32))) for images, labels in batches(epoch)]
+
+    def epoch_end(epoch, losses):
         history.append(float(np.mean(losses)) if losses else float("nan"))
         if log:
             log(f"  fine-tune epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}")
+
+    fit_head(step_loss, [(opt_backbone, backbone.trainable_variables), (opt_head, head.trainable_variables)],
+             lambda epoch: ((images, tf.cast(labels, tf.int32)) for images, labels in batches(epoch)),
+             epochs, weight_decay, on_epoch_end=epoch_end)
     return head, history
 
 

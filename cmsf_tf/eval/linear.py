@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf import head_training
-from cmsf_tf.head_training import TorchSGD, step_schedule
+from cmsf_tf.head_training import TorchSGD, fit_head, step_schedule
 
 cached_batches = head_training.cached_batches  # the probe's batches; shared with the pseudo-label head
 
@@ -70,23 +70,21 @@ def train_probe(batches, dim, num_classes, steps_per_epoch, epochs=40, lr=0.01, 
     standardised); `on_epoch_end(epoch, head)` is called after each epoch (the per-epoch test accuracy)."""
     head = LinearHead(dim, num_classes, seed)
     optimizer = TorchSGD(step_schedule(lr, milestones, steps_per_epoch), momentum=momentum)
-    variables = [head.w, head.b]
 
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, head.logits(x)))
-            loss = ce + 0.5 * weight_decay * (tf.reduce_sum(tf.square(head.w)) + tf.reduce_sum(tf.square(head.b)))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return ce
+    def step_loss(x, y):
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, head.logits(x)))
+        return ce, ce
 
-    for epoch in range(epochs):
-        losses = [float(step(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32)))
-                  for x, y in batches(epoch)]
+    def epoch_end(epoch, losses):
         if on_epoch_end is not None:
             on_epoch_end(epoch, head)
         if log and (epoch + 1) % 5 == 0:
             log(f"  linear probe epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}")
+
+    fit_head(step_loss, [(optimizer, [head.w, head.b])],
+             lambda epoch: ((tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32))
+                            for x, y in batches(epoch)),
+             epochs, weight_decay, on_epoch_end=epoch_end)
     return head
 
 

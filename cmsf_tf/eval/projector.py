@@ -88,9 +88,9 @@ def restore_training_model(model_dir, checkpoint, source, label_plan):
     """The whole model of a training run (bank, pools, cluster ids, pseudo-label head) from a checkpoint."""
     from cmsf_tf import config
     from cmsf_tf.methods import METHODS
-    from cmsf_tf.rundir import read_flags
+    from cmsf_tf.rundir import RunDir
 
-    flags = config.upgrade_flags(read_flags(os.path.join(model_dir, "flags.json")))
+    flags = RunDir(model_dir).flags()
     names = {s.name for s in config.TRAIN_SETTINGS}
     cfg = config.make(**{k: v for k, v in flags.items() if k in names})
     model = METHODS[cfg.method].from_run_config(cfg, sync_bn=False, num_images=source.num_train,

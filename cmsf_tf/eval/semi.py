@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cmsf_tf.eval import finetune, linear
-from cmsf_tf.head_training import TorchSGD
+from cmsf_tf.head_training import TorchSGD, fit_head
 from cmsf_tf.models import heads
 
 
@@ -32,30 +32,29 @@ def train_and_evaluate(backbone, feature_dim, num_classes, stats, batches, test_
     mean, std = (tf.constant(s, tf.float32) for s in stats)
     optimizer = TorchSGD(linear.step_schedule(lr, [m for m in milestones if 0 < m < epochs],
                                                           steps_per_epoch), momentum=momentum)
-    variables = head.trainable_variables
 
     def embed(features):
         return (tf.math.l2_normalize(tf.cast(features, tf.float32), -1) - mean) / std
 
-    @tf.function
-    def step(images, labels):
+    def step_loss(images, labels):
         features = tf.stop_gradient(backbone(images, training=True))  # batch statistics, no gradient
-        with tf.GradientTape() as tape:
-            logits = head(embed(features), training=True)
-            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-            loss = ce + 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return ce
+        logits = head(embed(features), training=True)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        return ce, ce
 
     predict = tf.function(lambda x: head(embed(backbone(x, training=False)), training=False))
     history, per_epoch = [], []
-    for epoch in range(epochs):
-        losses = [float(step(images, tf.cast(labels, tf.int32))) for images, labels in batches(epoch)]
+
+    def epoch_end(epoch, losses):
         history.append(float(np.mean(losses)) if losses else float("nan"))
         per_epoch.append(finetune.accuracy(predict, test_batches()))
         if log:
             log(f"  semi-supervised epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}, "
                 f"test top-1 {100 * per_epoch[-1]['top1']:.2f}%")
+
+    fit_head(step_loss, [(optimizer, head.trainable_variables)],
+             lambda epoch: ((images, tf.cast(labels, tf.int32)) for images, labels in batches(epoch)),
+             epochs, weight_decay, on_epoch_end=epoch_end)
     return summarize(per_epoch, history)
 
 

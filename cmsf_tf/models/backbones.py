@@ -13,12 +13,7 @@ change no computation and no checkpoint (checkpoints address layers by their pla
 import keras
 import tensorflow as tf
 
-# arch -> (block kind, blocks per stage, small-image stem)
-ARCHS = {
-    "resnet50": ("bottleneck", (3, 4, 6, 3), False),
-    "resnet18": ("basic", (2, 2, 2, 2), False),
-    "resnet18_small": ("basic", (2, 2, 2, 2), True),
-}
+from cmsf_tf.models import ARCHS
 
 
 def _conv_init():
