@@ -1,11 +1,14 @@
-"""Every setting of the command lines, written once, and the validated configs the library takes.
+"""Every setting of the command lines, grouped by owner, and the validated configs the library takes.
 
-Each setting is one row of TRAIN_SETTINGS or EVAL_SETTINGS (name, kind, default, help, its check, whether
-it is part of a run's identity); the absl flags, the `Config` dataclass, the generic checks and the run
-identity are made from the rows. Importing this module defines no flag: the entry points (cmsf_tf.train,
-cmsf_tf.evaluate, cmsf_tf.export) call `define_flags()`, so a program that imports cmsf_tf can define
-its own flags. `from_flags()` validates every flag at start-up and returns a frozen `Config`; `make()`
-does the same from keyword arguments. Any problem is raised as `UsageError` with one sentence for the user.
+A setting is one row (cmsf_tf.settings.Setting: name, kind, default, help, its rule, whether it is part of
+a run's identity). The rows have owners: the common training settings are here, a method's own are in its
+registry entry (cmsf_tf.methods), a protocol's in its module (cmsf_tf.eval.protocols), the export's and
+the network's below. `command_settings(command)` says which rows a command line defines — its own and no
+others, so absl refuses a foreign flag naming it. The `Config` and `EvalConfig` dataclasses, the checks
+and the run identity are made from the rows. Importing this module defines no flag and loads no
+TensorFlow: the entry points call `run_entry_point`, so a program that imports cmsf_tf can define its own
+flags. `from_flags()` / `eval_from_flags()` validate every flag at start-up; `make()` does the same from
+keyword arguments. Any problem is raised as a UserError (`UsageError`) with one sentence for the user.
 """
 
 import dataclasses
@@ -340,8 +343,8 @@ _EVAL = {s.name: s for s in EVAL_SETTINGS}
 
 
 def command_settings(command, args=()):
-    """The rows a command line defines. evaluate: the protocol named in `args` (its first word) decides."""
-    if command in ("train", "memory_plan"):
+    """The rows a command line defines. evaluate: the protocol named in `args` decides."""
+    if command == "train":
         return TRAIN_SETTINGS
     if command == "convert":
         return TRAIN_SETTINGS + NETWORK_SETTINGS + CONVERT_SETTINGS
@@ -349,9 +352,9 @@ def command_settings(command, args=()):
     if command == "export":  # --index is evaluate knn's index, with its settings
         return EVAL_DATA + EVAL_COMMON + EXPORT_SETTINGS + knn
     if command == "evaluate":
-        words = [a for a in args if not a.startswith("-")]
-        module = _PROTOCOL_MODULES.get(words[0]) if words else None
-        return EVAL_DATA + EVAL_COMMON + (module.SETTINGS if module else ())
+        # The protocol is the first word that names one (`--model_dir x knn` has a flag's value first).
+        named = [_PROTOCOL_MODULES[a] for a in args if a in _PROTOCOL_MODULES]
+        return EVAL_DATA + EVAL_COMMON + (named[0].SETTINGS if named else ())
     raise ValueError(f"unknown command {command!r}")
 
 
