@@ -206,7 +206,7 @@ def report(result):
 def recipe_config(name, **overrides):
     """The Config of flags/<name>.cfg with `overrides` (flag name -> value), parsed by absl as `train` parses
     it (nested --flagfile lines are relative to the checkout, hence the directory change while parsing)."""
-    config.define_flags()
+    config.define_flags(config.TRAIN_SETTINGS)
     argv = ["memory_plan", f"--flagfile=flags/{name}.cfg", "--model_dir=-",
             *(f"--{key}={value}" for key, value in overrides.items())]
     cwd = os.getcwd()
@@ -256,8 +256,9 @@ def main(argv):
     del argv
     try:
         run_plan(flags.FLAGS)
-    except config.UsageError as e:
-        sys.exit(f"memory_plan: {e}")
+    except config.UsageError as e:  # bad input: one sentence and exit 2, as every command line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def calibration_line(cfg, image_size, batch):
@@ -281,7 +282,7 @@ def run_plan(F):
 
 
 if __name__ == "__main__":
-    config.define_flags()
+    config.define_flags(config.TRAIN_SETTINGS)
     config.quiet_tensorflow()
     flags.DEFINE_integer("replicas", 1, "replicas the global --batch_size is split over")
     flags.DEFINE_integer("num_images", 0, "training images (0: the known size of --dataset)")

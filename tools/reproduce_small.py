@@ -82,7 +82,7 @@ QUICK_TRAIN = ["--width=4", "--batch_size=32", "--bank_size=128", "--topk=3", "-
                "--proj_dim=16", "--epochs=2", "--steps_per_epoch=3", "--num_clusters=8", "--kmeans_iters=2",
                "--labelled_cache_size=64", "--pseudo_epochs=1", "--knn_every=1", "--knn_every_queries=200",
                "--knn_every_index=0", "--noknn_baselines"]
-QUICK_EVAL = ["--linear_epochs=2", "--linear_milestones=1", "--semi_epochs=1", "--semi_milestones=1"]
+QUICK_EVAL = {"linear": ["--linear_epochs=2", "--linear_milestones=1"], "semi": ["--semi_epochs=1", "--semi_milestones=1"]}
 METRICS = [("knn_top1_k20", "20-NN"), ("knn_top1_k1", "1-NN"), ("linear_top1", "linear"),
            ("knn10_top1_k1", "1-NN, 10% index"), ("semi10_top1", "semi 10%"),
            ("semi10_lr01_top1", "semi 10%, head lr 0.01")]
@@ -124,15 +124,15 @@ def train_args(row, seed, model_dir, data_dir, quick):
 
 def eval_commands(row, model_dir, quick):
     """[(name, protocol, flags)] of the evaluations every run gets (semi: SEMI_ROWS only)."""
-    extra = QUICK_EVAL if quick else []
-    commands = [("linear", "linear", [f"--model_dir={model_dir}", "--nolinear_augment", *extra]),
+    quick_flags = lambda protocol: QUICK_EVAL.get(protocol, []) if quick else []  # noqa: E731
+    commands = [("linear", "linear", [f"--model_dir={model_dir}", "--nolinear_augment", *quick_flags("linear")]),
                 ("knn10", "knn", [f"--model_dir={model_dir}", "--index_split=labelled", f"--label_split={LABEL_SPLIT}",
                                   "--knn_k=1"])]
     if row in SEMI_ROWS:
-        commands.append(("semi10", "semi", [f"--model_dir={model_dir}", f"--label_split={LABEL_SPLIT}", *extra]))
+        commands.append(("semi10", "semi", [f"--model_dir={model_dir}", f"--label_split={LABEL_SPLIT}", *quick_flags("semi")]))
     if row in SEMI_LR_ROWS:  # the same protocol with a 10x head lr: 6,000 images are 24 steps an epoch
         commands.append(("semi10_lr01", "semi", [f"--model_dir={model_dir}", f"--label_split={LABEL_SPLIT}",
-                                                 "--semi_lr=0.01", *extra]))
+                                                 "--semi_lr=0.01", *quick_flags("semi")]))
     return commands
 
 
