@@ -353,8 +353,9 @@ def command_settings(command, args=()):
         return EVAL_DATA + EVAL_COMMON + EXPORT_SETTINGS + knn
     if command == "evaluate":
         # The protocol is the first word that names one (`--model_dir x knn` has a flag's value first).
+        # Without one (`evaluate --helpfull`), every protocol's flags, so that the help lists them all.
         named = [_PROTOCOL_MODULES[a] for a in args if a in _PROTOCOL_MODULES]
-        return EVAL_DATA + EVAL_COMMON + (named[0].SETTINGS if named else ())
+        return EVAL_DATA + EVAL_COMMON + (named[0].SETTINGS if named else _PROTOCOL_SETTINGS)
     raise ValueError(f"unknown command {command!r}")
 
 

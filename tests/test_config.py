@@ -192,6 +192,8 @@ def test_each_command_defines_its_own_flags_only():
     assert "linear_epochs" not in train and "bank_size" not in knn and "epochs" not in knn
     assert "linear_epochs" in linear and "linear_epochs" not in knn and "knn_k" in knn and "knn_k" not in linear
     assert {"export_dir", "index", "knn_k"} <= export and "linear_epochs" not in export
+    # without a protocol (`evaluate --helpfull`) every protocol's flags, so that the help lists them all
+    assert {"knn_k", "linear_epochs", "transfer_l2"} <= {s.name for s in config.command_settings("evaluate", [])}
     # a method's own settings are declared by the method's registry entry, and every method's are train's
     from cmsf_tf import methods
 
