@@ -12,7 +12,7 @@ BENCH_REFERENCE_PYTHON ?= $(PY)
 .PHONY: demo test test-fast data deps bench bench-deps reproduce parity bazel clean-venv
 
 demo: deps data
-	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg --model_dir=runs/demo
+	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg
 
 test: deps data
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning tests

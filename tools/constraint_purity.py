@@ -53,11 +53,12 @@ def load_state(model_dir):
     """(flags, step, {name: array}) of a run's newest checkpoint: the bank, second bank, pool, cluster ids."""
     import tensorflow as tf
 
+    from cmsf_tf.errors import UserError
     from cmsf_tf.eval import encoder
 
     try:
         flags, path = encoder.run_flags(model_dir), encoder.latest_checkpoint(model_dir)
-    except encoder.EncoderError as e:
+    except UserError as e:  # not a run, no checkpoint, a damaged flags.json
         raise SystemExit(f"error: {e}") from None
     reader = tf.train.load_checkpoint(path)
     names = reader.get_variable_to_shape_map()

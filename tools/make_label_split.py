@@ -16,6 +16,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmsf_tf.data import sources, splits  # noqa: E402
+from cmsf_tf.errors import UserError  # noqa: E402
 
 flags.DEFINE_string("dataset", "fashion_mnist", "Data set, as for cmsf_tf.train (not a streamed TFDS set).")
 flags.DEFINE_string("data_dir", "", "Its directory.")
@@ -35,7 +36,7 @@ def main(argv):
             raise sources.DataError(f"{FLAGS.dataset} is streamed and its labels are not known up front; "
                                     "convert it to TFRecords or use the official split files")
         keep = splits.percent_split(src.train_labels, FLAGS.percent, FLAGS.seed)
-    except (sources.DataError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     names = src.train_names[keep]
