@@ -22,7 +22,7 @@ from cmsf_tf.data import labels, sources
 from cmsf_tf.errors import UserError
 from cmsf_tf.eval.protocols import PROTOCOLS as _PROTOCOL_MODULES
 from cmsf_tf.models import ARCHS
-from cmsf_tf.settings import BELOW_ONE, FRACTION, POSITIVE, PROBABILITY, Setting, unique
+from cmsf_tf.settings import BELOW_ONE, FRACTION, POSITIVE, PROBABILITY, Setting
 from cmsf_tf.rundir import RENAMED, upgrade_flags  # noqa: F401  (renamed settings: aliases here, flags.json there)
 
 # Bad flag values: the errors' common base (cmsf_tf.errors), under the name the library has always used.
@@ -338,7 +338,7 @@ CONVERT_SETTINGS = (
 )
 _PROTOCOL_SETTINGS = tuple(row for module in _PROTOCOL_MODULES.values() for row in module.SETTINGS)
 # Every setting that is not a training one (names unique across both tables).
-EVAL_SETTINGS = unique(EVAL_COMMON + EXPORT_SETTINGS + CONVERT_SETTINGS + _PROTOCOL_SETTINGS)
+EVAL_SETTINGS = EVAL_COMMON + EXPORT_SETTINGS + CONVERT_SETTINGS + _PROTOCOL_SETTINGS
 _EVAL = {s.name: s for s in EVAL_SETTINGS}
 
 
@@ -361,8 +361,9 @@ def command_settings(command, args=()):
 
 # The frozen config of an evaluation: the protocol, then one field per evaluation row (every protocol's:
 # a protocol reads its own, the others keep their defaults).
+_EVAL_ROWS = EVAL_DATA + EVAL_COMMON + _PROTOCOL_SETTINGS
 EvalConfig = dataclasses.make_dataclass(
-    "EvalConfig", [("protocol", str)] + [(s.name, object) for s in EVAL_DATA + EVAL_COMMON + _PROTOCOL_SETTINGS],
+    "EvalConfig", [("protocol", str)] + [(s.name, object) for s in _EVAL_ROWS],
     frozen=True, namespace={"to_dict": _to_dict, "__module__": __name__})
 
 
@@ -384,8 +385,7 @@ def eval_from_flags(protocol):
     on the command line are None: the run's own (flags.json) apply."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
-    rows = EVAL_DATA + EVAL_COMMON + _PROTOCOL_SETTINGS
-    cfg = EvalConfig(protocol=protocol, **{s.name: _eval_value(s) for s in rows})
+    cfg = EvalConfig(protocol=protocol, **{s.name: _eval_value(s) for s in _EVAL_ROWS})
     if cfg.dataset is not None and not sources.is_known(cfg.dataset):
         raise UsageError(f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
     if cfg.label_split:

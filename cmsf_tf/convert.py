@@ -234,7 +234,8 @@ def from_torch(cfg, checkpoint, log=print):
     if found != (cfg.arch, cfg.width):
         raise ConvertError(f"{checkpoint} holds a {found[0]} of width {found[1]}, not the {cfg.arch} of width "
                            f"{cfg.width} asked for (--arch, --width)")
-    checkpoints = RunDir(cfg.model_dir).checkpoints
+    run = RunDir(cfg.model_dir)
+    checkpoints = run.checkpoints
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise ConvertError(f"--model_dir {cfg.model_dir} already holds checkpoints; convert into a new directory")
 
@@ -278,7 +279,7 @@ def from_torch(cfg, checkpoint, log=print):
             "imported": sorted(p for p in parts if p in PARTS),
             "copied": sorted(p for p in networks if p not in parts),
             "new": sorted(p for p in PARTS if p not in networks), "ignored": len(ignored)}
-    with open(RunDir(cfg.model_dir).imported_path, "w") as f:
+    with open(run.imported_path, "w") as f:
         json.dump(info, f, indent=2)
     log(f"converted {checkpoint} ({layout} layout, {cfg.arch} width {cfg.width}) into {saved}")
     log(f"  imported: {', '.join(p.replace('_', ' ') for p in info['imported'])}")

@@ -61,14 +61,6 @@ def cached_batches(features, labels, batch_size, seed):
     return batches
 
 
-def coupled_l2(variables, weight_decay):
-    """torch.optim.SGD's weight_decay as a loss term: 0.5 * wd * sum of ||v||^2 over every variable (biases
-    and BatchNorm included), whose gradient wd * v is what PyTorch adds to each gradient."""
-    import tensorflow as tf
-
-    return 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
-
-
 def fit_head(step_loss, groups, batches, epochs, weight_decay=0.0, jit_compile=False, on_epoch_end=None):
     """The one training loop of the heads cmsf_tf trains (linear probe, semi-supervised head, fine-tuning,
     CMSF-Pseudo's pseudo-label head).
@@ -76,10 +68,12 @@ def fit_head(step_loss, groups, batches, epochs, weight_decay=0.0, jit_compile=F
     `step_loss(x, y)` -> (loss, report): run under the gradient tape (a frozen backbone's forward pass
     belongs in it, under tf.stop_gradient); `report` is what the step returns (the batch's cross-entropy,
     a count of correct rows, ...). `groups`: [(optimizer, variables)], each optimizer applying its own
-    variables' gradients of loss + coupled_l2(every variable, weight_decay). `batches(epoch)` yields
+    variables' gradients of loss + ops.coupled_l2(every variable, weight_decay). `batches(epoch)` yields
     (x, y) tensors. After each epoch `on_epoch_end(epoch, reports)` gets the epoch's reports as floats.
     Returns the last epoch's reports."""
     import tensorflow as tf
+
+    from cmsf_tf import ops
 
     variables = [v for _, group in groups for v in group]
 
@@ -88,7 +82,7 @@ def fit_head(step_loss, groups, batches, epochs, weight_decay=0.0, jit_compile=F
         with tf.GradientTape() as tape:
             loss, report = step_loss(x, y)
             if weight_decay:
-                loss += coupled_l2(variables, weight_decay)
+                loss += ops.coupled_l2(variables, weight_decay)
         gradients = tape.gradient(loss, variables)
         start = 0
         for optimizer, group in groups:

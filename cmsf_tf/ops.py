@@ -20,6 +20,13 @@ OFFICIAL_FILL_SIMILARITY = -1.5
 FILLS = ("nearest", "official")
 
 
+def coupled_l2(variables, weight_decay):
+    """torch.optim.SGD's weight_decay as a loss term: 0.5 * wd * the sum of ||v||^2 over every variable
+    (biases and BatchNorm included), in float32, whose gradient wd * v is what PyTorch adds to each
+    gradient (Keras' own weight_decay is decoupled). The train step and fit_head's heads add it."""
+    return 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
+
+
 def similarities(targets, bank):
     """float32 [B, K] dot products of each target with each bank row, computed in the bank's dtype (a
     bfloat16 bank: a bfloat16 matmul, 2-3x faster on CPUs with AVX512-BF16, with similarities rounded

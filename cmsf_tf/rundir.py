@@ -87,9 +87,6 @@ class RunDir:
         """checkpoints/<name>: a checkpoint prefix by its file name (ckpt-N)."""
         return self._join(self.CHECKPOINTS, name)
 
-    def exists(self):
-        return os.path.isdir(self.path)
-
     def is_run(self):
         """Whether a training (or convert from_torch) wrote here: it has flags.json."""
         return os.path.isfile(self.flags_path)
@@ -110,7 +107,7 @@ class RunDir:
 
 def lock(model_dir):
     """Takes the run directory's exclusive lock; returns the open lock file (keep it open)."""
-    path = os.path.join(model_dir, RunDir.LOCK)
+    path = RunDir(model_dir).lock_path
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

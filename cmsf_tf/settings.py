@@ -80,13 +80,3 @@ def numbers(name, values):
         return tuple(float(v) for v in values)
     except ValueError:
         raise UserError(f"--{name} must be a list of numbers (got {','.join(values)})") from None
-
-
-def unique(rows):
-    """`rows` without repeats (by name; the first kept): several owners may list one shared row."""
-    seen, out = set(), []
-    for row in rows:
-        if row.name not in seen:
-            seen.add(row.name)
-            out.append(row)
-    return tuple(out)

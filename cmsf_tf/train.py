@@ -47,9 +47,9 @@ def prepare_model_dir(cfg):
     except OSError as e:
         raise config.UsageError(f"cannot write to --model_dir {path}: {e.strerror or e}") from None
     chief = is_chief_process(cfg)
-    run = rundir.RunDir(path)
-    held = run.lock() if chief else None
-    previous = run.flags() if os.path.isdir(run.checkpoints) else None
+    run_dir = rundir.RunDir(path)
+    held = run_dir.lock() if chief else None
+    previous = run_dir.flags() if os.path.isdir(run_dir.checkpoints) else None
     if previous is not None:
         for name in config.RUN_IDENTITY:
             if name in previous and previous[name] != getattr(cfg, name):
@@ -58,7 +58,7 @@ def prepare_model_dir(cfg):
                     f"--{name}={getattr(cfg, name)}; use another --model_dir or the same flags to resume")
     if chief:
         # Written whole then renamed: another worker reading it meanwhile sees the old file or the new, never half.
-        run.write_flags(cfg.to_dict())
+        run_dir.write_flags(cfg.to_dict())
     return held
 
 
@@ -231,8 +231,8 @@ def run(cfg, log=print):
     # Multi-worker: every worker must take part in saving (it is a collective), but only the chief
     # writes into --model_dir; the others save into a throwaway directory and restore from the chief's.
     chief = distribute.is_chief(strategy)
-    run = rundir.RunDir(cfg.model_dir)
-    checkpoint_dir = run.checkpoints
+    run_dir = rundir.RunDir(cfg.model_dir)
+    checkpoint_dir = run_dir.checkpoints
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     if chief:
         removed = rundir.remove_orphans(checkpoint_dir)
@@ -254,7 +254,7 @@ def run(cfg, log=print):
         raise config.UsageError(f"--init_from: {e}" if not latest else str(e)) from None
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir if chief else tempfile.mkdtemp(), max_to_keep=3)
     step = global_step(model)
-    result_path = run.result_path
+    result_path = run_dir.result_path
     if step >= total_steps and os.path.isfile(result_path):
         log(f"the run in {cfg.model_dir} is finished (step {step} of {total_steps}); {result_path} is unchanged "
             "(raise --epochs to train on, or use another --model_dir)")
@@ -267,7 +267,7 @@ def run(cfg, log=print):
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)
     from cmsf_tf.callbacks import monitor
 
-    logdir = run.tensorboard
+    logdir = run_dir.tensorboard
     callbacks = [guard]
     # The method's own callbacks (k-means, pseudo-label head) run before the saver: the checkpoint holds their work.
     callbacks += METHODS[cfg.method].training_callbacks(cfg, steps_per_epoch=steps_per_epoch,
@@ -284,11 +284,11 @@ def run(cfg, log=print):
         callbacks.append(monitor.KnnMonitor(
             cfg.knn_every, source.knn_source(), cfg.image_size, cfg.eval_batch_size, steps_per_epoch, cfg.epochs,
             queries=cfg.knn_every_queries, index=cfg.knn_every_index, logdir=logdir,
-            curve_path=run.knn_curve, log=log, jit_compile=jit_compile))
+            curve_path=run_dir.knn_curve, log=log, jit_compile=jit_compile))
     # On every worker: reading the rank histogram (an on-read metric variable) is a collective across
     # workers under MultiWorkerMirroredStrategy; only the chief writes it.
     callbacks.append(monitor.RankHistograms(logdir if chief else None,
-                                            run.rank_histograms if chief else None))
+                                            run_dir.rank_histograms if chief else None))
     if chief:
         callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
 
@@ -332,7 +332,7 @@ def run(cfg, log=print):
         log(f"no k-NN evaluation: {source.no_labels_reason(cfg.dataset, 'it')}")
     elif cfg.knn_eval:
         result.update(knn_evaluation(model.online_backbone, knn_data, cfg, log, strategy, jit_compile))
-    curve = monitor.read_jsonl(rundir.RunDir(cfg.model_dir).knn_curve)
+    curve = monitor.read_jsonl(run_dir.knn_curve)
     if curve:
         result["knn_curve"] = curve
     if cfg.knn_baselines and knn_data is not None:
@@ -344,7 +344,7 @@ def run(cfg, log=print):
         if source.pixel_arrays() is not None:
             result["baselines"]["raw_pixels"] = raw_pixel_knn(source, probe_seed(cfg))
     result["wall_time_s"] = round(time.time() - started, 1)
-    with open(rundir.RunDir(cfg.model_dir).result_path, "w") as f:
+    with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
 

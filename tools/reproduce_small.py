@@ -154,13 +154,14 @@ def worker(specs):
     for spec in specs:
         keras.backend.clear_session()
         model_dir = spec["model_dir"]
-        if not os.path.isfile(RunDir(model_dir).result_path):
+        run = RunDir(model_dir)
+        if not os.path.isfile(run.result_path):
             FLAGS.unparse_flags()
             FLAGS(["cmsf_tf.train", *spec["train"]])
             train.run(config.from_flags())
-        os.makedirs(RunDir(model_dir).study_dir, exist_ok=True)
+        os.makedirs(run.study_dir, exist_ok=True)
         for name, protocol, args in spec["evals"]:
-            path = os.path.join(RunDir(model_dir).study_dir, f"{name}.json")
+            path = os.path.join(run.study_dir, f"{name}.json")
             if os.path.isfile(path):
                 continue
             FLAGS.unparse_flags()

@@ -79,7 +79,7 @@ class TrainingPlumbing:
         the replicas and scaled for float16."""
         # The paper's (PyTorch SGD) weight decay is L2 on every weight: gradient += wd * w, which
         # momentum then accumulates. Keras' weight_decay is decoupled, so add it to the loss.
-        l2 = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
+        l2 = ops.coupled_l2(variables, self.weight_decay)
         # Replica gradients are summed by the optimizer: divide the per-replica mean.
         total = (loss + l2) / tf.distribute.get_strategy().num_replicas_in_sync
         return self.optimizer.scale_loss(total)
