@@ -156,3 +156,22 @@ def test_rank_table_of_the_constrained_neighbours(tmp_path):
         assert row.split(" | ")[2] == f"{100 * np.mean(shares):.1f} ± {100 * np.std(shares, ddof=1):.1f} (3)"
         assert row.split(" | ")[3].startswith(f"{statistics.median(medians):,.0f} ({min(medians):,}–{max(medians):,})")
     assert "| msf |" not in table.split("![")[0]  # rows without histograms have no lines
+
+
+def test_a_stopped_worker_exits_with_one_line_and_the_signal_code(monkeypatch, capsys):
+    """A study run stopped by SIGTERM (its checkpoint saved) ends its worker with train's exit code and one
+    line, not a traceback; the study then says "stopped", and running it again resumes."""
+    import pytest
+
+    from cmsf_tf.train import Interrupted
+
+    def stopped(specs):
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(reproduce_small, "worker", stopped)
+    monkeypatch.setattr(sys, "argv", ["reproduce_small.py", "--worker", "[]"])
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce_small.main()
+    assert exit_info.value.code == 143
+    err = capsys.readouterr().err
+    assert err.strip() == "stopped by SIGTERM; the checkpoint is saved: run the study again to resume"

@@ -566,10 +566,15 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        from cmsf_tf.train import Interrupted
+
         try:
             worker(json.loads(args.worker))
         except config.UsageError as e:
             sys.exit(f"error: {e}")
+        except Interrupted as e:  # the checkpoint is saved: one line, the exit code train's CLI uses
+            print(f"stopped by {e}; the checkpoint is saved: run the study again to resume", file=sys.stderr)
+            sys.exit(143 if str(e) == "SIGTERM" else 130)
         return
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -609,7 +614,8 @@ def main():
             name = run_name(row, seed)
             if code or not os.path.isfile(RunDir(spec["model_dir"]).result_path):
                 failed.append(name)
-                print(f"  {name} failed (exit {code}); see {log_path}. Run again to continue it.", flush=True)
+                why = "stopped" if code in (130, 143) else f"failed (exit {code})"
+                print(f"  {name} {why}; see {log_path}. Run again to continue it.", flush=True)
                 continue
             commands = {"train": "python -m cmsf_tf.train " + " ".join(spec["train"])}
             commands.update({n: f"python -m cmsf_tf.evaluate {p} " + " ".join(a) for n, p, a in spec["evals"]})
