@@ -104,6 +104,26 @@ class RunDir:
     def lock(self):
         return lock(self.path)
 
+    def discard_unstarted(self, created):
+        """Removes flags.json and the lock when the directory holds nothing else (a run refused before its
+        first step), and the directory too if that run created it. Returns whether it removed them;
+        a directory with anything more (checkpoints, TensorBoard files, a user's file) is left whole."""
+        ours = {self.FLAGS, self.LOCK}
+        try:
+            names = set(os.listdir(self.path))
+        except OSError:
+            return False
+        if not names <= ours:
+            return False
+        for name in names:
+            os.remove(self._join(name))
+        if created:
+            try:
+                os.rmdir(self.path)
+            except OSError:  # something appeared meanwhile: keep it
+                pass
+        return True
+
 
 def lock(model_dir):
     """Takes the run directory's exclusive lock; returns the open lock file (keep it open)."""

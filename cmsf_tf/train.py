@@ -15,6 +15,7 @@ import threading
 import time
 
 from cmsf_tf import config
+from cmsf_tf.errors import UserError
 
 
 def is_chief_process(cfg):
@@ -159,9 +160,24 @@ def fit_epochs(cfg, model, strategy, source, labels, callbacks, saver, step, ste
 
 def run(cfg, log=print):
     """Trains (or resumes) the run described by `cfg`. Returns the result dict, or None if the run
-    stopped early at --stop_after_steps."""
+    stopped early at --stop_after_steps. A run refused before it wrote anything but its flags (no data,
+    a bad batch size, ...) leaves no directory behind that looks like a run."""
+    from cmsf_tf import rundir
+
     started = time.time()
-    _RUN_LOCKS.append(prepare_model_dir(cfg))  # held until the process ends (released by the kernel then)
+    created = not os.path.exists(cfg.model_dir)
+    held = prepare_model_dir(cfg)
+    _RUN_LOCKS.append(held)  # held until the process ends (released by the kernel then)
+    try:
+        return _run_prepared(cfg, log, started)
+    except UserError:
+        if held is not None and rundir.RunDir(cfg.model_dir).discard_unstarted(created):
+            _RUN_LOCKS.remove(held)
+            held.close()
+        raise
+
+
+def _run_prepared(cfg, log, started):
     from cmsf_tf.data import sources  # NumPy only: bad data is reported before TensorFlow loads
 
     source = sources.load(cfg.dataset, cfg.data_dir, cfg.class_list, cfg.max_corrupt_fraction)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cmsf_tf.rundir import RunDir
 from tests.conftest import REPO, TINY
 from tests.test_train_cli import assert_one_sentence_error, train
 
@@ -272,3 +273,26 @@ def test_deterministic_runs_of_the_demo_network_are_bit_identical_and_so_is_a_re
         assert other.keys() == states[0].keys()
         for n in states[0]:
             np.testing.assert_array_equal(other[n], states[0][n], err_msg=n)
+
+
+def test_discard_unstarted_removes_only_what_a_refused_run_wrote(tmp_path):
+    fresh = RunDir(str(tmp_path / "fresh"))
+    os.makedirs(fresh.path)
+    fresh.write_flags({"method": "msf"})
+    handle = fresh.lock()
+    assert fresh.discard_unstarted(created=True)
+    handle.close()
+    assert not os.path.exists(fresh.path)
+
+    started = RunDir(str(tmp_path / "started"))  # anything beyond flags and lock: a run, kept whole
+    os.makedirs(started.tensorboard)
+    started.write_flags({"method": "msf"})
+    assert not started.discard_unstarted(created=True)
+    assert sorted(os.listdir(started.path)) == ["flags.json", "tensorboard"]
+
+    users = RunDir(str(tmp_path / "users"))  # made by the user before the run: emptied, not removed
+    os.makedirs(users.path)
+    users.write_flags({"method": "msf"})
+    assert users.discard_unstarted(created=False)
+    assert os.listdir(users.path) == []
+    assert not RunDir(str(tmp_path / "missing")).discard_unstarted(created=True)

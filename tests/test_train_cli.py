@@ -164,6 +164,11 @@ def test_empty_data_dir_fails_clearly(tmp_path):
     empty.mkdir()
     out = train(f"--data_dir={empty}", f"--model_dir={tmp_path / 'run'}")
     assert_one_sentence_error(out, r"does not hold Fashion-MNIST: missing")
+    assert not (tmp_path / "run").exists()  # refused before its first step: no directory that looks like a run
+    kept = tmp_path / "kept"  # a directory the user made stays, emptied of what the refused run wrote
+    kept.mkdir()
+    assert_one_sentence_error(train(f"--data_dir={empty}", f"--model_dir={kept}"), r"does not hold Fashion-MNIST")
+    assert kept.is_dir() and os.listdir(kept) == []
 
 
 def test_unwritable_model_dir_fails_clearly(tmp_path, fmnist_slice):
