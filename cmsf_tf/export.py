@@ -81,13 +81,13 @@ def index_data(encoder, knn_cfg, log=print, dtype="float32"):
     from cmsf_tf.eval import knn
     from cmsf_tf.eval.context import EvalContext
 
+    from cmsf_tf.eval.protocols import knn as knn_protocol
+
     ctx = EvalContext(knn_cfg, encoder, log)
-    dataset, source = ctx.dataset, ctx.source()
-    keep, subset = None, "all"
-    if knn_cfg.index_split == "labelled":
-        if not ctx.label_split:
-            raise config.UsageError("--index_split=labelled needs a --label_split (the run has none)")
-        _, keep, subset, _ = ctx.labelled_subset(source)
+    dataset = ctx.dataset
+    # The images evaluate knn indexes: the training split (or its labelled part); for unlabelled training
+    # images the labelled val/ half, since a served vote over label-less images would name no class.
+    source, keep, subset, _ = knn_protocol.index_source(ctx)
     log(f"extracting the index: {subset} training images of {dataset} ...")
     names = []
     feats, labels = knn.features_and_labels(

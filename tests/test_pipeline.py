@@ -239,6 +239,12 @@ def test_self_supervised_training_on_unlabelled_images_and_what_is_refused(tmp_p
     knn = json.loads((tmp_path / "ssl" / "eval" / "knn.json").read_text())
     assert knn["index_size"] == 6 and knn["queries"] == 6
     assert knn["knn_top1_k1"] == result["knn_top1_k1"]
+    # The served index is the one k-NN evaluates: the labelled val/ half, never the label-less train/.
+    ex = run_cli("cmsf_tf.export", f"--model_dir={tmp_path / 'ssl'}", f"--export_dir={tmp_path / 'export'}",
+                 "--index=train", "--knn_k=1")
+    assert ex.returncode == 0, ex.stderr[-3000:]
+    assert "k-NN over the labelled val/ split (6 images as the index, 6 as queries)" in ex.stderr
+    assert "with a 6-image k-NN index" in ex.stdout
     assert_one_sentence_error(run_cli("cmsf_tf.evaluate", "linear", f"--model_dir={tmp_path / 'ssl'}"),
                               r"the linear probe needs labels, and images's training images have none")
     assert_one_sentence_error(run_cli("cmsf_tf.train", *SMALL, "--dataset=images", data,
@@ -257,6 +263,10 @@ def test_self_supervised_training_on_unlabelled_images_and_what_is_refused(tmp_p
     assert "knn_top1_k1" not in json.loads((tmp_path / "b" / "result.json").read_text())
     assert_one_sentence_error(run_cli("cmsf_tf.evaluate", "knn", f"--model_dir={tmp_path / 'b'}"),
                               r"k-NN evaluation needs labels, .* no labelled val/<class>/ folder")
+    assert_one_sentence_error(run_cli("cmsf_tf.export", f"--model_dir={tmp_path / 'b'}", "--index=train",
+                                      f"--export_dir={tmp_path / 'b_export'}"),
+                              r"k-NN evaluation needs labels, .* no labelled val/<class>/ folder")
+    assert not (tmp_path / "b_export").exists()
     assert_one_sentence_error(run_cli("cmsf_tf.train", *SMALL, "--dataset=folder", bare,
                                       f"--model_dir={tmp_path / 'c'}", "--knn_every=1"),
                               "--knn_every needs labels")
