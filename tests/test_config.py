@@ -201,11 +201,14 @@ def test_each_command_defines_its_own_flags_only():
     assert {s.name for s in methods.own_settings()} <= train
 
 
-def test_an_unprepared_tfds_imagenet_says_how_to_provide_it(tmp_path):
+def test_an_unprepared_tfds_imagenet_says_how_to_provide_it(tmp_path, caplog):
     from cmsf_tf.data import sources
 
     with pytest.raises(sources.DataError) as error:
         sources.load("tfds:imagenet2012", str(tmp_path))
+    # TFDS's own warning about a variant folder (that does not exist) is not printed before the sentence.
+    assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
+    assert os.listdir(tmp_path) == []  # nothing created in the data directory
     message = str(error.value)
     assert f"tfds:imagenet2012 is not prepared in {tmp_path}" in message
     assert os.path.join(str(tmp_path), "downloads", "manual") in message and "ILSVRC2012_img_train.tar" in message

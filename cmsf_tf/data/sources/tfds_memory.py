@@ -1,5 +1,7 @@
 """TFDS data sets with fixed-size images that fit in memory (CIFAR, STL-10, SVHN), as uint8 arrays."""
 
+import contextlib
+import logging
 import os
 
 import numpy as np
@@ -31,13 +33,31 @@ def read_error(name, split, data_dir, error):
     return DataError(f"tfds:{name} is not prepared in {where}: {how}")
 
 
+def _no_unprepared_variant_warning(record):
+    message = record.getMessage()
+    return not (message.startswith("Variant folder") and "has no dataset_info.json" in message)
+
+
+@contextlib.contextmanager
+def without_unprepared_warning():
+    """For a data set not prepared, TFDS logs "Variant folder <dir> has no dataset_info.json" about a folder
+    that does not exist, before our sentence says how to prepare it: that line is dropped, others kept."""
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_no_unprepared_variant_warning)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(_no_unprepared_variant_warning)
+
+
 def _tfds_builder(name, data_dir):
     import tensorflow_datasets as tfds
 
     if data_dir and not os.path.isdir(data_dir):
         raise DataError(f"--data_dir {data_dir} does not exist")
     try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
+        with without_unprepared_warning():
+            builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # TFDS raises several types for unknown names and configs
         raise DataError(f"TFDS does not know the data set {name!r}: {str(e).splitlines()[0]}") from None
     features = builder.info.features
@@ -59,7 +79,8 @@ def load_tfds_in_memory(name, data_dir=""):
 
     def arrays(split):
         try:
-            ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False, download=False)
+            with without_unprepared_warning():  # tfds.load makes a builder of its own
+                ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False, download=False)
             chunks = list(tfds.as_numpy(ds.map(lambda x: (x["image"], x["label"])).batch(4096)))
         except Exception as e:  # missing files surface as assorted TFDS/IO errors
             raise read_error(name, split, data_dir, e) from None

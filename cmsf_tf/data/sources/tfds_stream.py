@@ -4,7 +4,8 @@ choice between streaming and memory for `--dataset=tfds:NAME[/CONFIG]`."""
 import numpy as np
 
 from cmsf_tf.data.sources.base import DataError, RecordSource
-from cmsf_tf.data.sources.tfds_memory import IN_MEMORY_LIMIT, _tfds_builder, load_tfds_in_memory, read_error
+from cmsf_tf.data.sources.tfds_memory import (IN_MEMORY_LIMIT, _tfds_builder, load_tfds_in_memory, read_error,
+                                              without_unprepared_warning)
 
 
 def load_tfds(name, data_dir=""):
@@ -44,8 +45,9 @@ def _count_tfds(name, split, data_dir):
     import tensorflow_datasets as tfds
 
     try:
-        ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False,
-                       decoders={"image": tfds.decode.SkipDecoding()})
+        with without_unprepared_warning():
+            ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False,
+                           decoders={"image": tfds.decode.SkipDecoding()})
         return int(ds.reduce(0, lambda n, _: n + 1))
     except Exception as e:  # missing files surface as assorted TFDS/IO errors
         raise read_error(name, split, data_dir, e) from None
