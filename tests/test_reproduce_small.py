@@ -84,6 +84,27 @@ def test_ordering_verdicts_against_the_seed_spread():
     assert reproduce_small.ordering_verdict("a", "missing", "m", rows)[0] == "not measured yet"
 
 
+def test_multi_crop_table_pairs_seeds_and_lists_only_present_pairs():
+    def rec(seed, k20, linear=None, minutes=None):
+        return {"seed": seed, "knn_top1_k20": k20, "linear_top1": linear,
+                "train_wall_time_s": None if minutes is None else 60 * minutes}
+
+    rows = {"msf": [rec(0, 0.860, 0.870, 30), rec(1, 0.850, 0.866, 32)],
+            "msf_mc": [rec(0, 0.880, 0.875, 55), rec(1, 0.866, None, 57), rec(2, 0.99)],  # seed 2: no partner
+            "msf_mc_time": [rec(0, 0.855)],
+            "cmsf_2q_mc": [rec(0, 0.9)]}  # its row without is absent: no line
+    lines = reproduce_small.multi_crop_lines(rows)
+    body = [line for line in lines if line.startswith("| msf") or line.startswith("| cmsf")]
+    assert [line.split(" | ")[0] for line in body] == ["| msf_mc", "| msf_mc_time"]
+    mc = body[0].split(" | ")
+    # per-seed differences +2.0 and +1.6: mean +1.8, sample std 0.28; linear pairs only where both have it
+    assert mc[1:3] == ["msf", "equal epochs"] and mc[3] == "+1.8 ± 0.3 (2)"
+    assert mc[5] == "+0.5 (1)" and mc[-1].rstrip(" |") == "56 / 31"
+    timed = body[1].split(" | ")
+    assert timed[2] == "equal wall-clock" and timed[3] == "-0.5 (1)" and timed[-1].rstrip(" |") == "–"
+    assert reproduce_small.multi_crop_lines({"msf": rows["msf"]}) == []
+
+
 def test_rankme_column_only_when_the_runs_logged_it(tmp_path):
     # A committed record of the study (trained before RankMe was logged), as it is and with a RankMe.
     with open(os.path.join(ROOT, "results", "fmnist", "msf_s0.json")) as f:

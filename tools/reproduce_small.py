@@ -70,8 +70,11 @@ ROWS = {
     "cmsf_sup_noise25": ("flags/fmnist_sup.cfg", ["--label_noise=25"], 2),
     "xent_noise25": ("flags/fmnist_xent.cfg", ["--label_noise=25"], 2),
 }
-SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo")
-SEMI_LR_ROWS = ("msf", "cmsf_pseudo")
+# Multi-crop rows: (row without, what is held equal) for each row with the small crops.
+MULTI_CROP_ROWS = {f"{base}{tail}": (base, held) for base in ("msf", "cmsf_2q", "cmsf_km")
+                   for tail, held in (("_mc", "equal epochs"), ("_mc_time", "equal wall-clock"))}
+SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo", *MULTI_CROP_ROWS)
+SEMI_LR_ROWS = ("msf", "cmsf_pseudo", "msf_mc", "msf_mc_time")
 LABEL_SPLIT = "percent:10"
 # The trainer's --topk when a run's command and flag files leave it unset.
 TOPK_DEFAULT = next(s.default for s in config.TRAIN_SETTINGS if s.name == "topk")
@@ -356,6 +359,38 @@ def ordering_lines(rows):
             for better, worse, metric, claim in ORDERINGS if better in rows or worse in rows]
 
 
+def multi_crop_lines(rows):
+    """Markdown lines: for each row with small crops whose row without is in the study, the change on every
+    protocol (with minus without, points). Seeds are paired (seed s with seed s: the same initial network
+    and the same large views, the small crops being folded off the views' seeds), so the cell is the mean
+    ± standard deviation of the per-seed differences; the training minutes say how equal the wall-clock was."""
+    pairs = [(row, base, held) for row, (base, held) in MULTI_CROP_ROWS.items() if row in rows and base in rows]
+    if not pairs:
+        return []
+    lines = ["", "## Multi-crop: with minus without", "",
+             "Points of top-1 %, mean ± standard deviation over paired seeds (number of pairs); minutes: "
+             "training wall-clock with / without (runs sharing the machine: a rough check of the budget).", "",
+             "| row | against | held equal | " + " | ".join(label for _, label in METRICS) + " | minutes |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    for row, base, held in pairs:
+        without = {r["seed"]: r for r in rows[base]}
+        paired = [(r, without[r["seed"]]) for r in rows[row] if r["seed"] in without]
+
+        def delta(key):
+            diffs = [a[key] - b[key] for a, b in paired if a.get(key) is not None and b.get(key) is not None]
+            mean, spread = mean_spread(diffs)
+            if mean is None:
+                return "–"
+            return f"{100 * mean:+.1f} ± {100 * spread:.1f} ({len(diffs)})" if len(diffs) > 1 else f"{100 * mean:+.1f} (1)"
+
+        times = [(a.get("train_wall_time_s"), b.get("train_wall_time_s")) for a, b in paired]
+        times = [(a, b) for a, b in times if a and b]
+        minutes = (f"{statistics.fmean(a for a, _ in times) / 60:.0f} / {statistics.fmean(b for _, b in times) / 60:.0f}"
+                   if times else "–")
+        lines.append(f"| {row} | {base} | {held} | " + " | ".join(delta(key) for key, _ in METRICS) + f" | {minutes} |")
+    return lines
+
+
 def write_readme_block(readme, records, floor, planned):
     """Rewrites a page (docs/results.md) between <!-- study:start --> and <!-- study:end -->: the study's status, its
     table and the orderings, from the JSONs (so the page says what the committed results say)."""
@@ -462,6 +497,7 @@ def write_summary(records, floor, out, machine):
               "(and clearly so beyond twice it).", "", *ordering_lines(rows)]
     # RankMe only where the runs logged it (runs trained before it existed have none: no empty column)
     with_rank = any(r.get("rankme") is not None for r in records)
+    lines += multi_crop_lines(rows)
     lines += ["", "## Diagnostics at the last epoch (mean over seeds)", "",
               "purity: the share of the loss's neighbours (the constrained set where there is one) with the "
               "query's true label; unconstrained: the plain top-k's; rank: mean 0-based rank of the "
