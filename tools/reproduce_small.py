@@ -335,6 +335,16 @@ def last_epoch_value(record, tag):
     return values[-1][1] if values else None
 
 
+def training_minutes(record):
+    """The run's steps at its measured training speed, in minutes. (result.json's wall_time_s counts the
+    last process only: a resumed run's would be the last stretch alone.) None when the speed is unknown."""
+    speed = record.get("train_images_per_s")
+    batch = train_flag(record.get("commands", {}).get("train", ""), "batch_size")
+    if not speed or not batch or not record.get("steps"):
+        return None
+    return record["steps"] * int(batch) / speed / 60
+
+
 def results_table(rows, floor):
     """Markdown lines: one row per study row (mean ± std over seeds), and the raw-pixel floors."""
     lines = ["| row | recipe | epochs | " + " | ".join(label for _, label in METRICS) + " | images/s | minutes |",
@@ -343,7 +353,7 @@ def results_table(rows, floor):
         flagfile, extra, _ = ROWS.get(row, ("?", [], 0))
         recipe = f"`{os.path.basename(flagfile)}`" + (f" `{' '.join(extra)}`" if extra else "")
         speed = statistics.fmean([r["train_images_per_s"] for r in recs if r.get("train_images_per_s")] or [0])
-        minutes = statistics.fmean([r["train_wall_time_s"] / 60 for r in recs if r.get("train_wall_time_s")] or [0])
+        minutes = statistics.fmean([m for m in map(training_minutes, recs) if m] or [0])
         lines.append(f"| {row} | {recipe} | {recs[0]['epochs']} | "
                      + " | ".join(cell([r.get(key) for r in recs]) for key, _ in METRICS)
                      + f" | {speed:,.0f} | {minutes:.1f} |")
@@ -363,15 +373,18 @@ def multi_crop_lines(rows):
     """Markdown lines: for each row with small crops whose row without is in the study, the change on every
     protocol (with minus without, points). Seeds are paired (seed s with seed s: the same initial network
     and the same large views, the small crops being folded off the views' seeds), so the cell is the mean
-    ± standard deviation of the per-seed differences; the training minutes say how equal the wall-clock was."""
+    ± standard deviation of the per-seed differences. The budget of the equal wall-clock rows comes from
+    the benchmarked step ratio: the study's runs share the machine unequally, so their own clocks are no
+    fair measure of it."""
     pairs = [(row, base, held) for row, (base, held) in MULTI_CROP_ROWS.items() if row in rows and base in rows]
     if not pairs:
         return []
     lines = ["", "## Multi-crop: with minus without", "",
-             "Points of top-1 %, mean ± standard deviation over paired seeds (number of pairs); minutes: "
-             "training wall-clock with / without (runs sharing the machine: a rough check of the budget).", "",
-             "| row | against | held equal | " + " | ".join(label for _, label in METRICS) + " | minutes |",
-             "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+             "Points of top-1 %, mean ± standard deviation over the differences of paired seeds (number of "
+             f"pairs). Equal wall-clock: {MULTI_CROP_EPOCHS} epochs with the small crops cost what 20 cost without, "
+             "by the step times measured side by side (`bench/results_multi_crop.json`).", "",
+             "| row | against | held equal | " + " | ".join(label for _, label in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
     for row, base, held in pairs:
         without = {r["seed"]: r for r in rows[base]}
         paired = [(r, without[r["seed"]]) for r in rows[row] if r["seed"] in without]
@@ -383,11 +396,7 @@ def multi_crop_lines(rows):
                 return "–"
             return f"{100 * mean:+.1f} ± {100 * spread:.1f} ({len(diffs)})" if len(diffs) > 1 else f"{100 * mean:+.1f} (1)"
 
-        times = [(a.get("train_wall_time_s"), b.get("train_wall_time_s")) for a, b in paired]
-        times = [(a, b) for a, b in times if a and b]
-        minutes = (f"{statistics.fmean(a for a, _ in times) / 60:.0f} / {statistics.fmean(b for _, b in times) / 60:.0f}"
-                   if times else "–")
-        lines.append(f"| {row} | {base} | {held} | " + " | ".join(delta(key) for key, _ in METRICS) + f" | {minutes} |")
+        lines.append(f"| {row} | {base} | {held} | " + " | ".join(delta(key) for key, _ in METRICS) + " |")
     return lines
 
 
@@ -490,7 +499,9 @@ def write_summary(records, floor, out, machine):
              "Made by `python tools/reproduce_small.py` (`make reproduce`); each run's numbers, commands, k-NN "
              "curve, epoch logs and rank histograms are in the `<row>_s<seed>.json` files beside this one. "
              f"Machine: {machine}.", "",
-             "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images.", "",
+             "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images. "
+             "images/s: training speed over the run's last uninterrupted stretch; minutes: the run's steps at that "
+             "speed (runs that shared the machine with others ran slower: not a benchmark).", "",
              *results_table(rows, floor)]
     lines += ["", "## The paper's orderings", "",
               "A gap counts as resolved when it exceeds the larger of the two rows' seed standard deviations "
