@@ -80,7 +80,6 @@ def index_data(encoder, knn_cfg, log=print, dtype="float32"):
     from cmsf_tf.data import pipeline
     from cmsf_tf.eval import knn
     from cmsf_tf.eval.context import EvalContext
-
     from cmsf_tf.eval.protocols import knn as knn_protocol
 
     ctx = EvalContext(knn_cfg, encoder, log)
