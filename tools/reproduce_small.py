@@ -70,8 +70,9 @@ ROWS = {
     "cmsf_sup_noise25": ("flags/fmnist_sup.cfg", ["--label_noise=25"], 2),
     "xent_noise25": ("flags/fmnist_xent.cfg", ["--label_noise=25"], 2),
 }
+METHOD_NAMES = {"msf": "MSF", "cmsf_2q": "CMSF-2Q", "cmsf_km": "CMSF-KM"}  # as the paper writes them
 # Multi-crop rows: (row without, what is held equal) for each row with the small crops.
-MULTI_CROP_ROWS = {f"{base}{tail}": (base, held) for base in ("msf", "cmsf_2q", "cmsf_km")
+MULTI_CROP_ROWS = {f"{base}{tail}": (base, held) for base in METHOD_NAMES
                    for tail, held in (("_mc", "equal epochs"), ("_mc_time", "equal wall-clock"))}
 SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo", *MULTI_CROP_ROWS)
 SEMI_LR_ROWS = ("msf", "cmsf_pseudo", "msf_mc", "msf_mc_time")
@@ -95,14 +96,8 @@ ORDERINGS = [
     ("cmsf_km", "msf", "knn_top1_k20", "CMSF-KM > MSF on k-NN (self-supervised)"),
     ("msf", "byol", "knn_top1_k20", "MSF > BYOL on k-NN"),
     ("cmsf_km", "cmsf_km_official", "knn_top1_k20", "CMSF-KM: nearest fill vs the authors' fill (not a claim of the paper)"),
-    ("msf_mc", "msf", "knn_top1_k20", "multi-crop lifts MSF, equal epochs (not a claim of the paper)"),
-    ("msf_mc_time", "msf", "knn_top1_k20", "multi-crop lifts MSF, equal wall-clock (not a claim of the paper)"),
-    ("cmsf_2q_mc", "cmsf_2q", "knn_top1_k20", "multi-crop lifts CMSF-2Q, equal epochs (not a claim of the paper)"),
-    ("cmsf_2q_mc_time", "cmsf_2q", "knn_top1_k20",
-     "multi-crop lifts CMSF-2Q, equal wall-clock (not a claim of the paper)"),
-    ("cmsf_km_mc", "cmsf_km", "knn_top1_k20", "multi-crop lifts CMSF-KM, equal epochs (not a claim of the paper)"),
-    ("cmsf_km_mc_time", "cmsf_km", "knn_top1_k20",
-     "multi-crop lifts CMSF-KM, equal wall-clock (not a claim of the paper)"),
+    *[(row, base, "knn_top1_k20", f"multi-crop lifts {METHOD_NAMES[base]}, {held} (not a claim of the paper)")
+      for row, (base, held) in MULTI_CROP_ROWS.items()],
     ("cmsf_2q_mc", "msf_mc", "knn_top1_k20", "CMSF-2Q > MSF on k-NN, both with multi-crop"),
     ("cmsf_km_mc", "msf_mc", "knn_top1_k20", "CMSF-KM > MSF on k-NN, both with multi-crop"),
     ("cmsf_pseudo", "msf", "semi10_top1", "CMSF-Pseudo (10% labels) > MSF, semi-supervised protocol"),
@@ -290,15 +285,16 @@ def mean_spread(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def cell(values, scale=100.0, digits=1):
+def cell(values, scale=100.0, digits=1, signed=False):
     """mean ± standard deviation (number of values) of the values given, times `scale` (fractions to %);
-    "–" when there are none."""
+    "–" when there are none. `signed`: the mean with its sign (differences)."""
     mean, spread = mean_spread(values)
     if mean is None:
         return "–"
     n = len([v for v in values if v is not None])
     mean, spread = scale * mean, scale * spread
-    return f"{mean:.{digits}f} ± {spread:.{digits}f} ({n})" if n > 1 else f"{mean:.{digits}f} (1)"
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f} ± {spread:.{digits}f} ({n})" if n > 1 else f"{mean:{sign}.{digits}f} (1)"
 
 
 def by_row(records):
@@ -390,11 +386,8 @@ def multi_crop_lines(rows):
         paired = [(r, without[r["seed"]]) for r in rows[row] if r["seed"] in without]
 
         def delta(key):
-            diffs = [a[key] - b[key] for a, b in paired if a.get(key) is not None and b.get(key) is not None]
-            mean, spread = mean_spread(diffs)
-            if mean is None:
-                return "–"
-            return f"{100 * mean:+.1f} ± {100 * spread:.1f} ({len(diffs)})" if len(diffs) > 1 else f"{100 * mean:+.1f} (1)"
+            return cell([a[key] - b[key] for a, b in paired if a.get(key) is not None and b.get(key) is not None],
+                        signed=True)
 
         lines.append(f"| {row} | {base} | {held} | " + " | ".join(delta(key) for key, _ in METRICS) + " |")
     return lines
