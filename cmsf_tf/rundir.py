@@ -54,6 +54,7 @@ class RunDir:
     IMPORTED = "imported.json"  # written by convert from_torch: the run holds converted weights
     KNN_CURVE = "knn_curve.jsonl"  # the --knn_every curve, one JSON line per measurement
     RANK_HISTOGRAMS = "constrained_ranks.jsonl"  # per-epoch histograms of the constrained neighbours' ranks
+    TRAINING_TIME = "training_time.jsonl"  # each process's training seconds (monitor.TrainingTime)
 
     def __init__(self, path):
         self.path = path
@@ -73,6 +74,7 @@ class RunDir:
     imported_path = property(lambda self: self._join(self.IMPORTED))
     knn_curve = property(lambda self: self._join(self.KNN_CURVE))
     rank_histograms = property(lambda self: self._join(self.RANK_HISTOGRAMS))
+    training_time = property(lambda self: self._join(self.TRAINING_TIME))
     features_dir = property(lambda self: self._join(self.EVAL, "features"))  # evaluate's cached features
     neighbours_png = property(lambda self: self._join(self.EVAL, "neighbours.png"))
     projector_dir = property(lambda self: self._join(self.TENSORBOARD, "projector"))

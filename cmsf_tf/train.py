@@ -307,6 +307,9 @@ def _run_prepared(cfg, log, started):
                                             run_dir.rank_histograms if chief else None))
     if chief:
         callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
+    timer = monitor.TrainingTime(run_dir.training_time, step) if chief else None
+    if timer is not None:  # last: an epoch's seconds include the epoch-end work before it
+        callbacks.append(timer)
 
     train_started, first_step = time.time(), step
     from cmsf_tf.callbacks.preemption import Preempted
@@ -323,6 +326,8 @@ def _run_prepared(cfg, log, started):
     finally:
         if stopper is not saver:
             stopper.close()
+        if timer is not None:
+            timer.record(global_step(model))
     train_seconds = time.time() - train_started
 
     if saver.stop_reason:
@@ -339,6 +344,7 @@ def _run_prepared(cfg, log, started):
               "steps": step, "jit_compile": jit_compile}
     if step > first_step:
         result["train_images_per_s"] = round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)
+    result.update(monitor.training_time(monitor.read_jsonl(run_dir.training_time, key="stretch")))
 
     knn_data = source.knn_source()
     if knn_data is not source and knn_data is not None:

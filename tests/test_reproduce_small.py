@@ -36,6 +36,7 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
             assert 0.0 <= record[key] <= 1.0, (row, key)
         assert record["knn10_index_size"] == 51  # percent:10 of the 512-image slice
         assert record["train_wall_time_s"] > 0 and record["train_images_per_s"] > 0
+        assert record["train_processes"] == 1 and 0 < record["train_seconds_total"] <= record["train_wall_time_s"]
         assert record["commands"]["train"].startswith("python -m cmsf_tf.train --flagfile=flags/fmnist_")
         # The per-epoch k-NN curve ends at the final k-NN when the subsets are whole.
         assert [point[0] for point in record["knn_curve"]] == [1, 2]
@@ -204,3 +205,5 @@ def test_training_minutes_count_every_step_of_a_resumed_run_at_its_speed():
     assert reproduce_small.training_minutes(record) == 4680 * 256 / 128.0 / 60
     assert reproduce_small.training_minutes(dict(record, train_images_per_s=None)) is None
     assert reproduce_small.training_minutes(dict(record, commands={})) is None
+    # A record that kept every process's seconds is read as it is, not estimated.
+    assert reproduce_small.training_minutes(dict(record, train_seconds_total=3000.0, train_processes=3)) == 50.0

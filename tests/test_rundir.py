@@ -225,7 +225,16 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes(tmp_path, fmnist_sli
                 "--checkpoint_steps=0", "--noknn_eval")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {d / 'checkpoints' / f'ckpt-{step}'} (step {step}," in out.stdout
-    assert json.loads((d / "result.json").read_text())["steps"] == 32
+    result = json.loads((d / "result.json").read_text())
+    assert result["steps"] == 32
+    # Both processes' training time: the stopped one wrote its stretch as it stopped.
+    stretches = [json.loads(line) for line in (d / "training_time.jsonl").read_text().splitlines()]
+    assert len({r["stretch"] for r in stretches}) == 2 and result["train_processes"] == 2
+    last = {r["stretch"]: r for r in stretches}
+    first, second = sorted(last.values(), key=lambda r: r["first_step"])
+    assert (first["first_step"], first["step"], second["first_step"], second["step"]) == (0, step, step, 32)
+    assert result["train_seconds_total"] == round(first["seconds"] + second["seconds"], 1)
+    assert second["seconds"] < result["train_seconds_total"] <= result["wall_time_s"] + first["seconds"]
 
 
 def test_rerunning_a_finished_run_says_so_and_leaves_its_result(finished, tmp_path, fmnist_slice):
@@ -296,3 +305,38 @@ def test_discard_unstarted_removes_only_what_a_refused_run_wrote(tmp_path):
     assert users.discard_unstarted(created=False)
     assert os.listdir(users.path) == []
     assert not RunDir(str(tmp_path / "missing")).discard_unstarted(created=True)
+
+
+def test_training_time_sums_the_last_line_of_every_process_and_survives_a_kill(tmp_path):
+    """monitor.TrainingTime on a fake clock: two processes, the first killed outright (no closing line)
+    after its epoch-2 line; the totals count what each process last wrote."""
+    from cmsf_tf.callbacks import monitor
+
+    class Model:  # global_step reads train_steps
+        def __init__(self, step):
+            self.train_steps = tf.Variable(step, dtype=tf.int64)
+
+    path = str(tmp_path / RunDir.TRAINING_TIME)
+    now = [100.0]
+    first = monitor.TrainingTime(path, 0, clock=lambda: now[0])
+    first.set_model(Model(0))
+    for epoch, seconds in ((0, 30.0), (1, 61.5)):
+        now[0] += seconds
+        first.model.train_steps.assign((epoch + 1) * 10)
+        first.on_epoch_end(epoch)
+    now[0] += 7.0  # trained on after the epoch-2 line, then killed -9: not recorded, and redone
+    second = monitor.TrainingTime(path, 20, clock=lambda: now[0])
+    second.stretch += "-second"  # the same process id in this test
+    second.set_model(Model(20))
+    now[0] += 25.0
+    second.record(30)
+
+    records = monitor.read_jsonl(path, key="stretch")
+    assert [(r["first_step"], r["step"], r["seconds"]) for r in sorted(records, key=lambda r: r["first_step"])] == [
+        (0, 20, 91.5), (20, 30, 25.0)]
+    assert monitor.training_time(records) == {"train_seconds_total": 116.5, "train_processes": 2}
+    assert monitor.training_time([]) == {}
+    # A torn last line (killed mid-write) is skipped.
+    with open(path, "a") as f:
+        f.write('{"stretch": "x", "first_st')
+    assert monitor.training_time(monitor.read_jsonl(path, key="stretch"))["train_processes"] == 2

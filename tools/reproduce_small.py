@@ -217,7 +217,8 @@ def collect(row, seed, model_dir, commands):
     except (OSError, subprocess.CalledProcessError):
         commit = None
     record.update(train_wall_time_s=result.get("wall_time_s"), train_images_per_s=result.get("train_images_per_s"),
-                  commit=commit, commands=commands)
+                  train_seconds_total=result.get("train_seconds_total"),
+                  train_processes=result.get("train_processes"), commit=commit, commands=commands)
     curve = monitor.read_jsonl(run.knn_curve)
     record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")] for r in curve]
     if curve:
@@ -332,8 +333,11 @@ def last_epoch_value(record, tag):
 
 
 def training_minutes(record):
-    """The run's steps at its measured training speed, in minutes. (result.json's wall_time_s counts the
-    last process only: a resumed run's would be the last stretch alone.) None when the speed is unknown."""
+    """The run's training time in minutes: train_seconds_total (every process of a resumed run), or for a
+    record made before that was kept, its steps at the last process's training speed (result.json's
+    wall_time_s counts the last process alone). None when neither is known."""
+    if record.get("train_seconds_total"):
+        return record["train_seconds_total"] / 60
     speed = record.get("train_images_per_s")
     batch = train_flag(record.get("commands", {}).get("train", ""), "batch_size")
     if not speed or not batch or not record.get("steps"):

@@ -1,8 +1,8 @@
-"""Learning curves during training: per-epoch k-NN accuracy with the features' RankMe, and the
-constrained neighbours' ranks.
+"""Learning curves during training: per-epoch k-NN accuracy with the features' RankMe, the
+constrained neighbours' ranks, and the time each process trained.
 
-Both keep a JSON-lines record in --model_dir next to their TensorBoard summaries, so a study can plot
-them without reading event files, and a resumed run appends to the curve it had.
+Each keeps a JSON-lines record in --model_dir (the first two next to their TensorBoard summaries), so a
+study can plot them without reading event files, and a resumed run appends to the record it had.
 """
 
 import json
@@ -165,3 +165,33 @@ class RankHistograms(keras.callbacks.Callback):
         if self.path:
             last = int(np.flatnonzero(counts).max()) + 1
             _append_jsonl(self.path, {"epoch": epoch + 1, "step": step, "counts": counts[:last].tolist()})
+
+
+class TrainingTime(keras.callbacks.Callback):
+    """The training time of every process of a run, resumed ones included: one JSON line {stretch,
+    first_step, step, seconds} per epoch end and one when this process stops training, `stretch` naming
+    the process. A process killed outright (kill -9) loses at most the time since its last epoch end.
+    Seconds count model.fit with its callbacks, as train_images_per_s does. Chief only."""
+
+    def __init__(self, path, first_step, clock=time.monotonic):
+        super().__init__()
+        self.path, self.first_step, self._clock = path, int(first_step), clock
+        self.started = clock()
+        self.stretch = f"{time.time():.6f}-{os.getpid()}"
+
+    def record(self, step):
+        _append_jsonl(self.path, {"stretch": self.stretch, "first_step": self.first_step, "step": int(step),
+                                  "seconds": round(self._clock() - self.started, 3)})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.record(global_step(self.model))
+
+
+def training_time(records):
+    """result.json's totals from TrainingTime's records (read_jsonl(path, key="stretch"): the last line of
+    each process): seconds over every process, steps redone after a kill included, and the number of
+    processes. {} without records."""
+    if not records:
+        return {}
+    return {"train_seconds_total": round(sum(r["seconds"] for r in records), 1),
+            "train_processes": len(records)}
