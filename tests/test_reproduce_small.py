@@ -18,8 +18,9 @@ import reproduce_small  # noqa: E402
 
 
 def study(tmp_path, data_dir, *args):
+    rows = [] if any(a.startswith(("--rows", "--study")) for a in args) else ["--rows=" + ",".join(reproduce_small.ROWS)]
     out = subprocess.run([sys.executable, TOOL, "--quick", f"--out={tmp_path / 'out'}", f"--runs={tmp_path / 'runs'}",
-                          f"--data_dir={data_dir}", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          f"--data_dir={data_dir}", *rows, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (
         (tmp_path / "runs" / "quick.log").read_text()[-3000:] if (tmp_path / "runs" / "quick.log").exists() else "")
@@ -207,3 +208,41 @@ def test_training_minutes_count_every_step_of_a_resumed_run_at_its_speed():
     assert reproduce_small.training_minutes(dict(record, commands={})) is None
     # A record that kept every process's seconds is read as it is, not estimated.
     assert reproduce_small.training_minutes(dict(record, train_seconds_total=3000.0, train_processes=3)) == 50.0
+
+
+def test_every_row_belongs_to_a_study_and_each_study_lists_only_its_own_orderings():
+    studies = reproduce_small.STUDIES
+    assert {row for s in studies.values() for row in s["rows"]} == set(reproduce_small.ROWS)
+    for name, s in studies.items():
+        assert set(s["rows"]) <= set(reproduce_small.ROWS), name
+        assert len({os.path.normpath(t["out"]) for t in studies.values()}) == len(studies)  # no shared results
+    measured = {"msf": [{"knn_top1_k20": 0.86}], "cmsf_km": [{"knn_top1_k20": 0.857}], "msf_mc": [{"knn_top1_k20": 0.878}]}
+    claims = "\n".join(reproduce_small.ordering_lines(measured, studies["multi_crop"]["rows"]))
+    assert "multi-crop lifts MSF, equal epochs (not a claim of the paper)** (`knn_top1_k20`): holds" in claims
+    assert "multi-crop lifts CMSF-2Q, equal wall-clock" in claims and "CMSF-KM > MSF on k-NN (self-supervised)" in claims
+    assert "CMSF-2Q > MSF on k-NN, both with multi-crop** (`knn_top1_k20`): not measured yet" in claims
+    assert "BYOL" not in claims and "Pseudo" not in claims and "fill" not in claims and "cross-entropy" not in claims
+    main = "\n".join(reproduce_small.ordering_lines({"msf": measured["msf"]}, studies["main"]["rows"]))
+    assert "MSF > BYOL" in main and "CMSF-Pseudo" in main and "multi-crop" not in main and "fill" not in main
+    # Without the study's rows: every ordering with a measured row, as before.
+    assert "MSF > BYOL" in "\n".join(reproduce_small.ordering_lines(measured))
+
+
+def test_a_side_study_summary_is_rebuilt_from_its_own_directory(tmp_path, monkeypatch):
+    """--summary_only --study=multi_crop --out=DIR on copies of the committed records: the side study's
+    title and command, its orderings only, the with-minus-without table; no training."""
+    import shutil
+
+    source = os.path.join(ROOT, "results", "fmnist", "multi_crop")
+    for name in os.listdir(source):
+        if name.endswith(".json"):
+            shutil.copy(os.path.join(source, name), tmp_path / name)
+    monkeypatch.setattr(sys, "argv", ["reproduce_small.py", "--study=multi_crop", "--summary_only",
+                                      f"--out={tmp_path}", f"--runs={tmp_path / 'runs'}"])
+    reproduce_small.main()
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# Fashion-MNIST study: multi-crop, with and without, at equal epochs and at equal "
+                              "wall-clock\n\nMade by `python tools/reproduce_small.py --study=multi_crop`")
+    assert "## Multi-crop: with minus without" in summary and "| msf_mc | msf | equal epochs |" in summary
+    assert "BYOL" not in summary and "CMSF-Pseudo" not in summary
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")

@@ -2,10 +2,12 @@
 
   python tools/reproduce_small.py            # the study: hours of CPU; run it again to continue it
   make reproduce                             # the same
+  python tools/reproduce_small.py --study=multi_crop   # a side study (STUDIES): its rows, in its own directory
   python tools/reproduce_small.py --quick --out=/tmp/study --runs=/tmp/study/runs   # a few steps per method
 
 Each row (a method, or a method under 25% label noise) trains with its recipe flags/fmnist_<...>.cfg and
-the seeds of ROWS, one worker process per run (a crash costs that run only). A run trains through
+the seeds of ROWS (a side study sets its own number), one worker process per run (a crash costs that run
+only). A run trains through
 cmsf_tf.train (resumable from its checkpoints: a killed study continues mid-run), then is evaluated the
 same way as every other run, with the commands recorded in its JSON:
 
@@ -76,6 +78,19 @@ MULTI_CROP_ROWS = {f"{base}{tail}": (base, held) for base in METHOD_NAMES
                    for tail, held in (("_mc", "equal epochs"), ("_mc_time", "equal wall-clock"))}
 SEMI_ROWS = ("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo", *MULTI_CROP_ROWS)
 SEMI_LR_ROWS = ("msf", "cmsf_pseudo", "msf_mc", "msf_mc_time")
+# The studies: which rows each runs (seeds: per row, 0 for each row's own number), where its results and
+# run directories go, and its summary's title. Each has its own results directory, so a row run for one
+# study never lands in another's tables.
+STUDIES = {
+    "main": dict(rows=("byol", "msf", "cmsf_2q", "cmsf_km", "cmsf_pseudo", "cmsf_sup", "xent", "cmsf_sup_noise25",
+                       "xent_noise25"), seeds=0, out="results/fmnist", runs="runs/fmnist",
+                 title="every method, several seeds, one evaluation"),
+    "fill": dict(rows=("cmsf_km_official", "cmsf_km"), seeds=2, out="results/fmnist/fill", runs="runs/fmnist_fill",
+                 title="CMSF-KM's fill rule, nearest against the authors'"),
+    "multi_crop": dict(rows=("msf", "msf_mc", "msf_mc_time", "cmsf_2q", "cmsf_2q_mc", "cmsf_2q_mc_time", "cmsf_km_mc",
+                             "cmsf_km_mc_time"), seeds=2, out="results/fmnist/multi_crop", runs="runs/fmnist_mc",
+                       title="multi-crop, with and without, at equal epochs and at equal wall-clock"),
+}
 LABEL_SPLIT = "percent:10"
 # The trainer's --topk when a run's command and flag files leave it unset.
 TOPK_DEFAULT = next(s.default for s in config.TRAIN_SETTINGS if s.name == "topk")
@@ -363,10 +378,18 @@ def results_table(rows, floor):
     return lines
 
 
-def ordering_lines(rows):
-    """The orderings that involve a row of this study (a study of a few rows lists only its own)."""
+def ordering_lines(rows, planned=None):
+    """The orderings that involve a row of this study: with `planned` (the study's rows), those whose two
+    rows are both planned or measured, so a study lists only its own comparisons; without, every ordering
+    with a measured row."""
+    def listed(better, worse):
+        if planned is None:
+            return better in rows or worse in rows
+        known = set(rows) | set(planned)
+        return better in known and worse in known
+
     return [f"- **{claim}** (`{metric}`): {ordering_verdict(better, worse, metric, rows)[0]}."
-            for better, worse, metric, claim in ORDERINGS if better in rows or worse in rows]
+            for better, worse, metric, claim in ORDERINGS if listed(better, worse)]
 
 
 def multi_crop_lines(rows):
@@ -397,7 +420,7 @@ def multi_crop_lines(rows):
     return lines
 
 
-def write_readme_block(readme, records, floor, planned):
+def write_readme_block(readme, records, floor, planned, study_rows=None):
     """Rewrites a page (docs/results.md) between <!-- study:start --> and <!-- study:end -->: the study's status, its
     table and the orderings, from the JSONs (so the page says what the committed results say)."""
     with open(readme) as f:
@@ -412,7 +435,8 @@ def write_readme_block(readme, records, floor, planned):
     block = [start, status, "", "Top-1 % on the 10,000 test images, mean ± standard deviation over seeds (number of "
              "seeds); `results/fmnist/summary.md` adds the diagnostics, `results/fmnist/summary.png` the curves and "
              "rank histograms.", "", *results_table(rows, floor), "",
-             "The paper's orderings, read against the seed spread (generated):", "", *ordering_lines(rows), end]
+             "The paper's orderings, read against the seed spread (generated):", "",
+             *ordering_lines(rows, study_rows), end]
     head, rest = text.split(start, 1)
     with open(readme, "w") as f:
         f.write(head + "\n".join(block) + rest.split(end, 1)[1])
@@ -490,19 +514,22 @@ def rank_lines(rows):
             "|---|---|---|---|---|", *lines]
 
 
-def write_summary(records, floor, out, machine):
+def write_summary(records, floor, out, machine, study="main", study_rows=None):
     rows = by_row(records)
-    lines = ["# Fashion-MNIST study: every method, several seeds, one evaluation", "",
-             "Made by `python tools/reproduce_small.py` (`make reproduce`); each run's numbers, commands, k-NN "
+    made_by = "`python tools/reproduce_small.py` (`make reproduce`)" if study == "main" else (
+        f"`python tools/reproduce_small.py --study={study}`")
+    lines = [f"# Fashion-MNIST study: {STUDIES[study]['title']}", "",
+             f"Made by {made_by}; each run's numbers, commands, k-NN "
              "curve, epoch logs and rank histograms are in the `<row>_s<seed>.json` files beside this one. "
              f"Machine: {machine}.", "",
              "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images. "
-             "images/s: training speed over the run's last uninterrupted stretch; minutes: the run's steps at that "
-             "speed (runs that shared the machine with others ran slower: not a benchmark).", "",
+             "images/s: training speed over the run's last uninterrupted stretch; minutes: the run's training time "
+             "over all its processes (runs recorded before that was kept: its steps at the last stretch's speed; "
+             "runs that shared the machine with others ran slower: not a benchmark).", "",
              *results_table(rows, floor)]
     lines += ["", "## The paper's orderings", "",
               "A gap counts as resolved when it exceeds the larger of the two rows' seed standard deviations "
-              "(and clearly so beyond twice it).", "", *ordering_lines(rows)]
+              "(and clearly so beyond twice it).", "", *ordering_lines(rows, study_rows)]
     # RankMe only where the runs logged it (runs trained before it existed have none: no empty column)
     with_rank = any(r.get("rankme") is not None for r in records)
     lines += multi_crop_lines(rows)
@@ -599,10 +626,13 @@ def write_plot(records, floor, out):
 # ----- the study -----
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "fmnist"), help="per-run JSONs, summary")
-    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "fmnist"), help="model dirs and logs")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows of ROWS to run")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per row (0: each row's own number)")
+    parser.add_argument("--study", default="main", choices=list(STUDIES),
+                        help="which study: its rows, seeds and directories are the defaults of the flags below")
+    parser.add_argument("--out", default="", help="per-run JSONs, summary (default: the study's, under results/)")
+    parser.add_argument("--runs", default="", help="model dirs and logs (default: the study's, under runs/)")
+    parser.add_argument("--rows", default="", help="comma-separated rows of ROWS to run (default: the study's)")
+    parser.add_argument("--seeds", type=int, default=0,
+                        help="seeds per row (0: the study's number, else each row's own)")
     parser.add_argument("--data_dir", default="", help="Fashion-MNIST directory (default: the usual place)")
     parser.add_argument("--quick", action="store_true", help="a few steps per method, one seed: a smoke test")
     parser.add_argument("--summary_only", action="store_true", help="rebuild summary.md and the plot only")
@@ -620,7 +650,11 @@ def main():
             print(f"stopped by {e}; the checkpoint is saved: run the study again to resume", file=sys.stderr)
             sys.exit(143 if str(e) == "SIGTERM" else 130)
         return
-    rows = [r for r in args.rows.split(",") if r]
+    study = STUDIES[args.study]
+    args.out = args.out or os.path.join(ROOT, study["out"])
+    args.runs = args.runs or os.path.join(ROOT, study["runs"])
+    args.seeds = args.seeds or study["seeds"]
+    rows = [r for r in args.rows.split(",") if r] or list(study["rows"])
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"error: unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -679,10 +713,10 @@ def main():
     import benchlib
 
     machine = benchlib.machine()
-    write_summary(records, floor, args.out, f"{machine['cpu']}, {machine['cores']} cores")
+    write_summary(records, floor, args.out, f"{machine['cpu']}, {machine['cores']} cores", args.study, rows)
     write_plot(records, floor, args.out)
     if args.readme:
-        write_readme_block(args.readme, records, floor, len(plan))
+        write_readme_block(args.readme, records, floor, len(plan), rows)
     print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.png ({len(records)} runs)")
     if failed:
         sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
