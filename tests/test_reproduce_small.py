@@ -20,7 +20,7 @@ import reproduce_small  # noqa: E402
 def study(tmp_path, data_dir, *args):
     rows = [] if any(a.startswith(("--rows", "--study")) for a in args) else ["--rows=" + ",".join(reproduce_small.ROWS)]
     out = subprocess.run([sys.executable, TOOL, "--quick", f"--out={tmp_path / 'out'}", f"--runs={tmp_path / 'runs'}",
-                          f"--data_dir={data_dir}", *rows, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          f"--data_dir={data_dir}", *rows, *args], cwd=ROOT, capture_output=True, text=True, timeout=1800,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (
         (tmp_path / "runs" / "quick.log").read_text()[-3000:] if (tmp_path / "runs" / "quick.log").exists() else "")
