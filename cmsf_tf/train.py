@@ -311,7 +311,6 @@ def _run_prepared(cfg, log, started):
     if timer is not None:  # last: an epoch's seconds include the epoch-end work before it
         callbacks.append(timer)
 
-    train_started, first_step = time.time(), step
     from cmsf_tf.callbacks.preemption import Preempted
 
     try:
@@ -328,7 +327,6 @@ def _run_prepared(cfg, log, started):
             stopper.close()
         if timer is not None:
             timer.record(global_step(model))
-    train_seconds = time.time() - train_started
 
     if saver.stop_reason:
         log(f"stopped by {saver.stop_reason} at step {step} of {total_steps} with a checkpoint "
@@ -342,8 +340,8 @@ def _run_prepared(cfg, log, started):
 
     result = {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
               "steps": step, "jit_compile": jit_compile}
-    if step > first_step:
-        result["train_images_per_s"] = round((step - first_step) * cfg.batch_size / max(train_seconds, 1e-9), 1)
+    if step > timer.first_step:  # the chief's: only the chief gets here
+        result["train_images_per_s"] = round((step - timer.first_step) * cfg.batch_size / max(timer.seconds, 1e-9), 1)
     result.update(monitor.training_time(monitor.read_jsonl(run_dir.training_time, key="stretch")))
 
     knn_data = source.knn_source()

@@ -215,7 +215,7 @@ def test_every_row_belongs_to_a_study_and_each_study_lists_only_its_own_ordering
     assert {row for s in studies.values() for row in s["rows"]} == set(reproduce_small.ROWS)
     for name, s in studies.items():
         assert set(s["rows"]) <= set(reproduce_small.ROWS), name
-        assert len({os.path.normpath(t["out"]) for t in studies.values()}) == len(studies)  # no shared results
+    assert len({os.path.normpath(s["out"]) for s in studies.values()}) == len(studies)  # no shared results
     measured = {"msf": [{"knn_top1_k20": 0.86}], "cmsf_km": [{"knn_top1_k20": 0.857}], "msf_mc": [{"knn_top1_k20": 0.878}]}
     claims = "\n".join(reproduce_small.ordering_lines(measured, studies["multi_crop"]["rows"]))
     assert "multi-crop lifts MSF, equal epochs (not a claim of the paper)** (`knn_top1_k20`): holds" in claims

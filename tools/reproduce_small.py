@@ -382,10 +382,11 @@ def ordering_lines(rows, planned=None):
     """The orderings that involve a row of this study: with `planned` (the study's rows), those whose two
     rows are both planned or measured, so a study lists only its own comparisons; without, every ordering
     with a measured row."""
+    known = set(rows) | set(planned or ())
+
     def listed(better, worse):
         if planned is None:
             return better in rows or worse in rows
-        known = set(rows) | set(planned)
         return better in known and worse in known
 
     return [f"- **{claim}** (`{metric}`): {ordering_verdict(better, worse, metric, rows)[0]}."

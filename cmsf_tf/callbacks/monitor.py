@@ -171,17 +171,20 @@ class TrainingTime(keras.callbacks.Callback):
     """The training time of every process of a run, resumed ones included: one JSON line {stretch,
     first_step, step, seconds} per epoch end and one when this process stops training, `stretch` naming
     the process. A process killed outright (kill -9) loses at most the time since its last epoch end.
-    Seconds count model.fit with its callbacks, as train_images_per_s does. Chief only."""
+    Seconds count model.fit with its callbacks; `seconds` is the last recorded (train_images_per_s divides
+    this process's steps by it). Chief only."""
 
     def __init__(self, path, first_step, clock=time.monotonic):
         super().__init__()
         self.path, self.first_step, self._clock = path, int(first_step), clock
         self.started = clock()
+        self.seconds = 0.0
         self.stretch = f"{time.time():.6f}-{os.getpid()}"
 
     def record(self, step):
+        self.seconds = self._clock() - self.started
         _append_jsonl(self.path, {"stretch": self.stretch, "first_step": self.first_step, "step": int(step),
-                                  "seconds": round(self._clock() - self.started, 3)})
+                                  "seconds": round(self.seconds, 3)})
 
     def on_epoch_end(self, epoch, logs=None):
         self.record(global_step(self.model))
