@@ -210,6 +210,15 @@ def test_training_minutes_count_every_step_of_a_resumed_run_at_its_speed():
     assert reproduce_small.training_minutes(dict(record, train_seconds_total=3000.0, train_processes=3)) == 50.0
 
 
+def test_the_summary_names_the_machines_its_runs_trained_on():
+    records = [{"machine": "CPU A, 2 cores"}, {"machine": "CPU A, 2 cores"}, {"machine": "CPU B, 2 cores"}, {}]
+    line = reproduce_small.machines_line(records, "CPU B, 2 cores")
+    assert line == ("Summary made on: CPU B, 2 cores. Runs trained on: CPU A, 2 cores (2 runs); "
+                    "CPU B, 2 cores (1 run); not recorded (1 run).")
+    assert reproduce_small.machines_line([], "CPU B, 2 cores").endswith("Runs trained on: none yet.")
+    assert reproduce_small.machine_name().endswith(" cores")
+
+
 def test_every_row_belongs_to_a_study_and_each_study_lists_only_its_own_orderings():
     studies = reproduce_small.STUDIES
     assert {row for s in studies.values() for row in s["rows"]} == set(reproduce_small.ROWS)
@@ -221,6 +230,7 @@ def test_every_row_belongs_to_a_study_and_each_study_lists_only_its_own_ordering
     assert "multi-crop lifts MSF, equal epochs (not a claim of the paper)** (`knn_top1_k20`): holds" in claims
     assert "multi-crop lifts CMSF-2Q, equal wall-clock" in claims and "CMSF-KM > MSF on k-NN (self-supervised)" in claims
     assert "CMSF-2Q > MSF on k-NN, both with multi-crop** (`knn_top1_k20`): not measured yet" in claims
+    assert "CMSF-2Q > MSF on k-NN, both with multi-crop, equal wall-clock** (`knn_top1_k20`): not measured" in claims
     assert "BYOL" not in claims and "Pseudo" not in claims and "fill" not in claims and "cross-entropy" not in claims
     main = "\n".join(reproduce_small.ordering_lines({"msf": measured["msf"]}, studies["main"]["rows"]))
     assert "MSF > BYOL" in main and "CMSF-Pseudo" in main and "multi-crop" not in main and "fill" not in main

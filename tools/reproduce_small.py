@@ -115,6 +115,9 @@ ORDERINGS = [
       for row, (base, held) in MULTI_CROP_ROWS.items()],
     ("cmsf_2q_mc", "msf_mc", "knn_top1_k20", "CMSF-2Q > MSF on k-NN, both with multi-crop"),
     ("cmsf_km_mc", "msf_mc", "knn_top1_k20", "CMSF-KM > MSF on k-NN, both with multi-crop"),
+    # The same at the equal wall-clock budget (11 epochs): where the two methods' early curves differ most.
+    ("cmsf_2q_mc_time", "msf_mc_time", "knn_top1_k20", "CMSF-2Q > MSF on k-NN, both with multi-crop, equal wall-clock"),
+    ("cmsf_km_mc_time", "msf_mc_time", "knn_top1_k20", "CMSF-KM > MSF on k-NN, both with multi-crop, equal wall-clock"),
     ("cmsf_pseudo", "msf", "semi10_top1", "CMSF-Pseudo (10% labels) > MSF, semi-supervised protocol"),
     ("cmsf_pseudo", "msf", "semi10_lr01_top1", "CMSF-Pseudo (10% labels) > MSF, semi-supervised protocol, head lr 0.01"),
     ("cmsf_pseudo", "msf", "knn10_top1_k1", "CMSF-Pseudo (10% labels) > MSF, 1-NN over the labelled 10%"),
@@ -203,6 +206,26 @@ def epoch_logs(logdir):
     return out
 
 
+def machine_name():
+    """Where a run trained (its minutes are that machine's: a study's runs may span several)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import benchlib
+
+    machine = benchlib.machine()
+    return f"{machine['cpu']}, {machine['cores']} cores"
+
+
+def machines_line(records, machine):
+    """The summary's sentence on machines: the one it was made on and those its runs trained on (records
+    from before the machine was kept are counted as such)."""
+    counts = {}
+    for r in records:
+        key = r.get("machine") or "not recorded"
+        counts[key] = counts.get(key, 0) + 1
+    trained = "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(counts.items()))
+    return f"Summary made on: {machine}. Runs trained on: {trained or 'none yet'}."
+
+
 def collect(row, seed, model_dir, commands):
     """The record of a finished run: what the study's tables and the plot are made from."""
     sys.path.insert(0, ROOT)
@@ -233,7 +256,8 @@ def collect(row, seed, model_dir, commands):
         commit = None
     record.update(train_wall_time_s=result.get("wall_time_s"), train_images_per_s=result.get("train_images_per_s"),
                   train_seconds_total=result.get("train_seconds_total"),
-                  train_processes=result.get("train_processes"), commit=commit, commands=commands)
+                  train_processes=result.get("train_processes"), commit=commit, commands=commands,
+                  machine=machine_name())
     curve = monitor.read_jsonl(run.knn_curve)
     record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")] for r in curve]
     if curve:
@@ -522,7 +546,7 @@ def write_summary(records, floor, out, machine, study="main", study_rows=None):
     lines = [f"# Fashion-MNIST study: {STUDIES[study]['title']}", "",
              f"Made by {made_by}; each run's numbers, commands, k-NN "
              "curve, epoch logs and rank histograms are in the `<row>_s<seed>.json` files beside this one. "
-             f"Machine: {machine}.", "",
+             + machines_line(records, machine), "",
              "Cells: mean ± standard deviation over seeds (number of seeds), top-1 % on the 10,000 test images. "
              "images/s: training speed over the run's last uninterrupted stretch; minutes: the run's training time "
              "over all its processes (runs recorded before that was kept: its steps at the last stretch's speed; "
@@ -710,11 +734,7 @@ def main():
                   f"({(time.time() - started) / 60:.1f} min)", flush=True)
     records = load_records(args.out)
     floor = floors(args.data_dir, args.out) if not args.quick else None
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import benchlib
-
-    machine = benchlib.machine()
-    write_summary(records, floor, args.out, f"{machine['cpu']}, {machine['cores']} cores", args.study, rows)
+    write_summary(records, floor, args.out, machine_name(), args.study, rows)
     write_plot(records, floor, args.out)
     if args.readme:
         write_readme_block(args.readme, records, floor, len(plan), rows)
