@@ -207,7 +207,9 @@ def epoch_logs(logdir):
 
 
 def machine_name():
-    """Where a run trained (its minutes are that machine's: a study's runs may span several)."""
+    """Where a run trained (its minutes are that machine's: a study's runs may span several). Read when the
+    run is collected: the worker trains beside the process that collects it, and a run's directory stays
+    on the machine that trained it."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import benchlib
 
