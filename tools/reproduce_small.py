@@ -28,6 +28,7 @@ from every JSON there. Raw-pixel floors of the same protocols are in <out>/floor
 """
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -220,10 +221,7 @@ def machine_name():
 def machines_line(records, machine):
     """The summary's sentence on machines: the one it was made on and those its runs trained on (records
     from before the machine was kept are counted as such)."""
-    counts = {}
-    for r in records:
-        key = r.get("machine") or "not recorded"
-        counts[key] = counts.get(key, 0) + 1
+    counts = collections.Counter(r.get("machine") or "not recorded" for r in records)
     trained = "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(counts.items()))
     return f"Summary made on: {machine}. Runs trained on: {trained or 'none yet'}."
 
