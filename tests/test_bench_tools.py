@@ -117,6 +117,17 @@ def test_bench_step_compares_the_multi_crop_step(tmp_path):
     assert abs(rows["cmsf_tf_multi_crop"]["vs_single_crop"] - rows["cmsf_tf_multi_crop"]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3
 
 
+def test_bench_step_compares_the_step_without_onednn(tmp_path):
+    results = tmp_path / "results.json"
+    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=msf", "--compare_onednn",
+             f"--json={results}")
+    rows = {r["framework"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
+    assert set(rows) == {"cmsf_tf", "cmsf_tf_no_onednn"}
+    assert all("error" not in r and r["ms"] > 0 for r in rows.values())
+    assert rows["cmsf_tf"]["onednn"] is True and rows["cmsf_tf_no_onednn"]["onednn"] is False  # as each process ran
+    assert abs(rows["cmsf_tf_no_onednn"]["vs_onednn"] - rows["cmsf_tf_no_onednn"]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3
+
+
 def test_bench_kmeans_quick_and_report(tmp_path):
     results = tmp_path / "results.json"
     out = run_tool(os.path.join(TOOLS, "bench_kmeans.py"), "--n=3000", "--d=16", "--k=30", "--iters=3",

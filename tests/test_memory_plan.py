@@ -84,6 +84,30 @@ def test_cli_plans_an_imagenet_recipe_without_its_data(tmp_path):
     assert "32 image(s) per replica" in out.stdout
 
 
+def test_measuring_where_the_allocator_keeps_no_statistics_is_one_sentence(tmp_path):
+    """TensorFlow's plain CPU allocator (oneDNN off and no BFC allocator asked for) keeps no statistics:
+    --measure_size then says what to set instead of a ValueError's traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory_plan.py"), "--method=msf",
+                          "--arch=resnet18_small", "--width=4", "--image_size=16", "--batch_size=8", "--bank_size=64",
+                          "--num_images=64", "--num_classes=10", "--measure_size=16", "--measure_batch=4"],
+                         capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                         env=dict(env, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "keeps no memory statistics" in error[0] and "TF_ENABLE_ONEDNN_OPTS=1" in error[0]
+
+
+def test_importing_the_package_turns_onednn_on_unless_the_user_chose():
+    code = "import os, cmsf_tf; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    for given, expected in ((None, "1"), ("0", "0")):
+        run_env = dict(env, PYTHONPATH=ROOT, **({"TF_ENABLE_ONEDNN_OPTS": given} if given else {}))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=run_env)
+        assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr[-2000:]
+
+
 def test_recipe_config_reads_a_recipe_as_train_does():
     """--scale_doc's recipes: nested --flagfile lines resolved, this file's lines and the overrides last."""
     cfg = memory_plan.recipe_config("semi10_mixed", pool_dtype="bfloat16")

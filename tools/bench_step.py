@@ -76,6 +76,8 @@ def configure_tf_threads(threads):
 def tf_step(method, net, threads):
     """A callable running `steps` cmsf_tf train steps, as model.fit does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import cmsf_tf  # noqa: F401 - the package's TensorFlow CPU options, set before TensorFlow starts
+
     configure_tf_threads(threads)
     import keras
     import tensorflow as tf
@@ -135,6 +137,7 @@ def torch_step(method, net, threads):
 # (--compare_xla), or the PyTorch reference.
 XLA = "cmsf_tf_xla"
 MULTI_CROP = "cmsf_tf_multi_crop"  # cmsf_tf's step with --compare_multi_crop's small crops in the batch
+NO_ONEDNN = "cmsf_tf_no_onednn"  # cmsf_tf's step on TensorFlow's Eigen CPU kernels (--compare_onednn)
 
 
 def machine_busy_seconds():
@@ -168,11 +171,14 @@ def worker(conn, framework, method, net, threads):
             run = tf_step(method, net, dict(threads, jit=True))
         elif framework == MULTI_CROP:
             run = tf_step(method, net, dict(threads, multi_crop=net["multi_crop"]))
+        elif framework == NO_ONEDNN:  # read when TensorFlow starts: this process has not imported it yet
+            os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+            run = tf_step(method, net, threads)
         else:
             run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
         cores = benchlib.machine()["cores"]
-        conn.send(("ready", None))
+        conn.send(("ready", {} if framework == "pytorch" else {"onednn": onednn_on()}))
         while True:
             msg = conn.recv()
             if msg[0] == "run":
@@ -187,6 +193,16 @@ def worker(conn, framework, method, net, threads):
                 return
     except Exception as e:  # noqa: BLE001 - reported by the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def onednn_on():
+    """Whether this process's TensorFlow runs its oneDNN CPU kernels (None if TensorFlow cannot say)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # no public API answers this
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def busy_loop(stop):
@@ -232,13 +248,13 @@ def measure(cases, net, rounds, steps, threads):
         procs[(fw, method)] = (p, parent)
     results = {}
     try:
-        ready = {}
+        ready, info = {}, {}
         for case, (p, conn) in procs.items():
             kind, value = conn.recv()
             if kind == "error":
                 results[case] = {"error": value}
             else:
-                ready[case] = conn
+                ready[case], info[case] = conn, value
         times = {case: [] for case in ready}
         foreign = {case: [] for case in ready}
         for _ in range(rounds):
@@ -255,7 +271,8 @@ def measure(cases, net, rounds, steps, threads):
             rss = conn.recv()[1]
             fastest, slowest = benchlib.spread_ms(times[case])
             results[case] = {"ms": benchlib.median_ms(times[case]), "min_ms": fastest, "max_ms": slowest,
-                             "foreign": round(max(foreign[case]), 3) if foreign[case] else None, "rss_mb": rss}
+                             "foreign": round(max(foreign[case]), 3) if foreign[case] else None, "rss_mb": rss,
+                             **info[case]}
     finally:
         for p, conn in procs.values():
             try:
@@ -284,6 +301,9 @@ def parse(argv=None):
                         help="also time the step with small crops N:SIZE_DEMO:SIZE_RESNET50 per image "
                              f"(e.g. 6:14:96) ({MULTI_CROP}), alternating with the others; rows get its ratio to "
                              "the step without them (vs_single_crop)")
+    parser.add_argument("--compare_onednn", action="store_true",
+                        help=f"also time cmsf_tf's step with TensorFlow's oneDNN CPU kernels off ({NO_ONEDNN}), "
+                             "alternating with the others; rows get its ratio to the step with them on (vs_onednn)")
     parser.add_argument("--alternate_methods", action="store_true",
                         help="keep every method's process alive and let all take turns round by round (for the "
                              "ratios to BYOL; needs the memory of all at once), instead of one method after another")
@@ -311,6 +331,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # inherited by the workers
     NETS["resnet50"]["batch"] = args.resnet50_batch
     frameworks = (["cmsf_tf"] + ([XLA] if args.compare_xla else []) + ([MULTI_CROP] if args.compare_multi_crop else [])
+                  + ([NO_ONEDNN] if args.compare_onednn else [])
                   + (["pytorch"] if benchlib.optional_torch(args.no_torch) else []))
     threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
     if args.compare_multi_crop:
@@ -355,6 +376,9 @@ def main(argv=None):
                               f"{row['vs_single_crop']:.3f}x the step")
                     if fw == XLA and "ms" in res.get(("cmsf_tf", method), {}):
                         row["vs_no_xla"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                    if fw == NO_ONEDNN and "ms" in res.get(("cmsf_tf", method), {}):
+                        row["vs_onednn"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                        print(f"{'':12s} {'':11s} oneDNN off: {row['vs_onednn']:.3f}x the step with it on")
                     print(f"{method:12s} {fw:11s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
                           f"{row['images_per_s']:7.1f} {row.get('vs_byol', float('nan')):8.3f} "
                           f"{row.get('vs_torch', float('nan')):9.3f} {r['rss_mb']:7.0f}"

@@ -165,7 +165,11 @@ def measured_activations(cfg, image_size, batch):
 
     step(images)  # traced and run once: the measured call allocates only what a step needs
     device = (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[0].name
-    tf.config.experimental.reset_memory_stats(device)
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+    except ValueError:  # TensorFlow's plain CPU allocator (oneDNN off) keeps no statistics
+        raise config.UsageError(f"{device}'s allocator keeps no memory statistics, so a step cannot be measured "
+                                "here: run with TF_ENABLE_ONEDNN_OPTS=1 (or TF_CPU_ALLOCATOR_USE_BFC=true)") from None
     before = tf.config.experimental.get_memory_info(device)["current"]
     grads = step(images)
     peak = tf.config.experimental.get_memory_info(device)["peak"]
