@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import cmsf_tf  # noqa: E402,F401 - sets TensorFlow's CPU options before any test module imports TensorFlow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -76,8 +76,6 @@ def configure_tf_threads(threads):
 def tf_step(method, net, threads):
     """A callable running `steps` cmsf_tf train steps, as model.fit does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import cmsf_tf  # noqa: F401 - the package's TensorFlow CPU options, set before TensorFlow starts
-
     configure_tf_threads(threads)
     import keras
     import tensorflow as tf
@@ -175,6 +173,8 @@ def worker(conn, framework, method, net, threads):
             os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
             run = tf_step(method, net, threads)
         else:
+            if framework == "cmsf_tf" and threads.get("onednn"):  # --compare_onednn: this row with them on
+                os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
             run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
         cores = benchlib.machine()["cores"]
@@ -302,8 +302,10 @@ def parse(argv=None):
                              f"(e.g. 6:14:96) ({MULTI_CROP}), alternating with the others; rows get its ratio to "
                              "the step without them (vs_single_crop)")
     parser.add_argument("--compare_onednn", action="store_true",
-                        help=f"also time cmsf_tf's step with TensorFlow's oneDNN CPU kernels off ({NO_ONEDNN}), "
-                             "alternating with the others; rows get its ratio to the step with them on (vs_onednn)")
+                        help=f"time the cmsf_tf row with TensorFlow's oneDNN CPU kernels on and also the step with them off "
+                             f"({NO_ONEDNN}), alternating with the others; rows get its ratio to the step with them "
+                             "on (vs_onednn) and record whether each process ran them (TensorFlow turns them on by "
+                             "itself only on CPUs with AVX-512 VNNI/BF16 or AMX)")
     parser.add_argument("--alternate_methods", action="store_true",
                         help="keep every method's process alive and let all take turns round by round (for the "
                              "ratios to BYOL; needs the memory of all at once), instead of one method after another")
@@ -333,7 +335,7 @@ def main(argv=None):
     frameworks = (["cmsf_tf"] + ([XLA] if args.compare_xla else []) + ([MULTI_CROP] if args.compare_multi_crop else [])
                   + ([NO_ONEDNN] if args.compare_onednn else [])
                   + (["pytorch"] if benchlib.optional_torch(args.no_torch) else []))
-    threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile}
+    threads = {"intra": args.intra_op, "inter": args.inter_op, "jit": args.jit_compile, "onednn": args.compare_onednn}
     if args.compare_multi_crop:
         try:
             n, demo, r50 = (int(v) for v in args.compare_multi_crop.split(":"))

@@ -293,7 +293,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_classes", 0, "classes (with --num_images)")
     flags.DEFINE_string("scale_doc", "", "rewrite the table between the plan markers of this Markdown file")
     flags.DEFINE_integer("measure_size", 0, "also measure one step's activations at this image size (px) and "
-                         "scale them to the recipe's (0: estimate only)")
+                         "scale them to the recipe's (0: estimate only); on a CPU it needs oneDNN's allocator statistics: "
+                         "TF_ENABLE_ONEDNN_OPTS=1 where TensorFlow leaves oneDNN off")
     flags.DEFINE_integer("measure_batch", 8, "images of the measured step")
     flags.FLAGS.set_default("model_dir", "-")  # a plan writes no run directory
     app.run(main)
