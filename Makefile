@@ -14,12 +14,16 @@ BENCH_REFERENCE_PYTHON ?= $(PY)
 demo: deps data
 	$(PY) -m cmsf_tf.train --flagfile=flags/demo.cfg
 
+# Tests in TEST_WORKERS processes at once: much of a test's time is single-threaded (TensorFlow's import and
+# tracing, XLA compiling, the CLIs' start-up), so two keep 2 cores busy (docs/tests.md).
+TEST_WORKERS ?= 2
+
 test: deps data
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning -n $(TEST_WORKERS) tests
 
 # While developing: the unit tests only (no test that starts a Python process), a few minutes.
 test-fast: deps data
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning -m "not e2e" tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -W ignore::DeprecationWarning -n $(TEST_WORKERS) -m "not e2e" tests
 
 # Benchmarks (ratios measured in one run; bench/README.md). Installs the optional PyTorch,
 # faiss and matplotlib of requirements-bench.txt, appends to bench/results.json, rewrites the table in bench/README.md.
