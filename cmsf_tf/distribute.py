@@ -5,6 +5,34 @@ import contextlib
 import tensorflow as tf
 
 
+def cpu_flags():
+    """The x86 feature flags of this machine's CPU (Linux's /proc/cpuinfo), or None where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def onednn_on():
+    """Whether this process's TensorFlow runs its oneDNN CPU kernels (False where it cannot say)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # no public API answers this
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
+
+
+def nondeterministic_cpu_kernels(onednn, flags):
+    """Whether --deterministic cannot hold on this CPU: oneDNN's kernels (TF_ENABLE_ONEDNN_OPTS=1) on an x86 CPU
+    without AVX-512, where two identical --deterministic runs of 2 epochs of the test network differed (BatchNorm
+    moving variances by up to 0.024; docs/resume.md). TensorFlow turns oneDNN on by itself only on CPUs with
+    AVX-512 VNNI/BF16 or AMX, where such runs agree bit for bit."""
+    return bool(onednn) and flags is not None and "avx512f" not in flags
+
+
 def configure_cpu_devices(n):
     """Split the CPU into n logical devices (for testing multi-replica code without accelerators).
 

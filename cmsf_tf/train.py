@@ -214,6 +214,9 @@ def _run_prepared(cfg, log, started):
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
+        if distribute.nondeterministic_cpu_kernels(distribute.onednn_on(), distribute.cpu_flags()):
+            log("warning: --deterministic with TensorFlow's oneDNN CPU kernels on a CPU without AVX-512: identical "
+                "runs differ there (docs/resume.md); unset TF_ENABLE_ONEDNN_OPTS for bit-exact runs and resumes")
     if cfg.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(f"mixed_{cfg.mixed_precision}")
 

@@ -3,12 +3,14 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import TINY, read_events, run_cli
+from tests.conftest import REPO, TINY, read_events, run_cli
 
 
 def train(*args, timeout=600):
@@ -95,6 +97,19 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, fmnist_slice, method):
     for name in names:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7, err_msg=name)
     assert [v for n, v in a.items() if "iter" in n][0] == 8
+
+
+def test_deterministic_with_onednn_on_a_cpu_without_avx512_says_it_cannot_hold(tmp_path, fmnist_slice):
+    """Where oneDNN's kernels cannot keep --deterministic (docs/resume.md), the run says so in a line."""
+    from cmsf_tf import distribute
+
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}",
+                          f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=1", "--deterministic",
+                          "--noknn_eval"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    flagged = "warning: --deterministic with TensorFlow's oneDNN CPU kernels" in out.stdout + out.stderr
+    assert flagged == distribute.nondeterministic_cpu_kernels(True, distribute.cpu_flags())
 
 
 def one_device_and_two_replicas(tmp_path, fmnist_slice, *flags):

@@ -206,6 +206,19 @@ def test_jit_compile_settings_that_cannot_compile_are_refused_in_one_sentence():
         config.make(**kwargs)  # accepted
 
 
+def test_deterministic_runs_are_flagged_where_the_cpu_kernels_cannot_keep_them():
+    """oneDNN's kernels on an x86 CPU without AVX-512 broke --deterministic (docs/resume.md); with AVX-512, or
+    on TensorFlow's Eigen kernels, runs agree bit for bit. A machine whose flags are unknown is not flagged."""
+    avx2, avx512 = {"sse4_2", "avx", "avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}
+    assert distribute.nondeterministic_cpu_kernels(True, avx2) is True
+    assert distribute.nondeterministic_cpu_kernels(True, avx512) is False
+    assert distribute.nondeterministic_cpu_kernels(False, avx2) is False
+    assert distribute.nondeterministic_cpu_kernels(True, None) is False
+    flags = distribute.cpu_flags()
+    assert flags is None or "sse2" in flags  # x86 Linux: a set of flag names (other machines: None)
+    assert isinstance(distribute.onednn_on(), bool)
+
+
 def test_auto_compiles_under_tpu_and_on_one_gpu_only():
     gpu = bool(tf.config.list_logical_devices("GPU"))
     assert distribute.resolve_jit_compile("auto", "tpu") is True
