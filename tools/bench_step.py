@@ -178,7 +178,9 @@ def worker(conn, framework, method, net, threads):
             run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
         cores = benchlib.machine()["cores"]
-        conn.send(("ready", {} if framework == "pytorch" else {"onednn": onednn_on()}))
+        if framework != "pytorch":
+            from cmsf_tf import distribute
+        conn.send(("ready", {} if framework == "pytorch" else {"onednn": distribute.onednn_on()}))
         while True:
             msg = conn.recv()
             if msg[0] == "run":
@@ -193,16 +195,6 @@ def worker(conn, framework, method, net, threads):
                 return
     except Exception as e:  # noqa: BLE001 - reported by the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
-def onednn_on():
-    """Whether this process's TensorFlow runs its oneDNN CPU kernels (None if TensorFlow cannot say)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port  # no public API answers this
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return None
 
 
 def busy_loop(stop):
