@@ -85,9 +85,10 @@ def read_events(logdir):
     return acc
 
 
-def run_cli(module, *args, timeout=600):
-    """Runs `python -m module args` from the repository; returns the CompletedProcess."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+def run_cli(module, *args, timeout=600, env=None):
+    """Runs `python -m module args` from the repository (with `env`'s variables on top of this process's);
+    returns the CompletedProcess."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

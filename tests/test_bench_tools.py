@@ -96,36 +96,31 @@ def test_busy_cores_take_a_core_while_the_block_runs():
     assert out.returncode == 2 and "--busy_cores needs --processes" in out.stderr
 
 
-def test_bench_step_compares_the_xla_compiled_step(tmp_path):
+def compared_rows(tmp_path, method, flag, variant, ratio):
+    """bench_step --quick timing cmsf_tf's step and `variant`'s (the step that `flag` adds) for `method`: both
+    rows timed, and the variant's row holding `ratio`, its ratio to the cmsf_tf step. Returns the rows."""
     results = tmp_path / "results.json"
-    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=cmsf_pseudo", "--compare_xla",
+    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", f"--methods={method}", flag,
              f"--json={results}")
     rows = {r["framework"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
-    assert set(rows) == {"cmsf_tf", "cmsf_tf_xla"}
+    assert set(rows) == {"cmsf_tf", variant}
     assert all("error" not in r and r["ms"] > 0 for r in rows.values())
     # (the ratio of the unrounded times; the rows hold them rounded to 0.01 ms)
-    assert abs(rows["cmsf_tf_xla"]["vs_no_xla"] - rows["cmsf_tf_xla"]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3
+    assert abs(rows[variant][ratio] - rows[variant]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3
+    return rows
+
+
+def test_bench_step_compares_the_xla_compiled_step(tmp_path):
+    compared_rows(tmp_path, "cmsf_pseudo", "--compare_xla", "cmsf_tf_xla", "vs_no_xla")
 
 
 def test_bench_step_compares_the_multi_crop_step(tmp_path):
-    results = tmp_path / "results.json"
-    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=cmsf_km",
-             "--compare_multi_crop=2:14:96", f"--json={results}")
-    rows = {r["framework"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
-    assert set(rows) == {"cmsf_tf", "cmsf_tf_multi_crop"}
-    assert all("error" not in r and r["ms"] > 0 for r in rows.values())
-    assert abs(rows["cmsf_tf_multi_crop"]["vs_single_crop"] - rows["cmsf_tf_multi_crop"]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3
+    compared_rows(tmp_path, "cmsf_km", "--compare_multi_crop=2:14:96", "cmsf_tf_multi_crop", "vs_single_crop")
 
 
 def test_bench_step_compares_the_step_without_onednn(tmp_path):
-    results = tmp_path / "results.json"
-    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", "--methods=msf", "--compare_onednn",
-             f"--json={results}")
-    rows = {r["framework"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
-    assert set(rows) == {"cmsf_tf", "cmsf_tf_no_onednn"}
-    assert all("error" not in r and r["ms"] > 0 for r in rows.values())
+    rows = compared_rows(tmp_path, "msf", "--compare_onednn", "cmsf_tf_no_onednn", "vs_onednn")
     assert rows["cmsf_tf"]["onednn"] is True and rows["cmsf_tf_no_onednn"]["onednn"] is False  # as each process ran
-    assert abs(rows["cmsf_tf_no_onednn"]["vs_onednn"] - rows["cmsf_tf_no_onednn"]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3
 
 
 def test_bench_kmeans_quick_and_report(tmp_path):

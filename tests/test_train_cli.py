@@ -3,14 +3,12 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO, TINY, read_events, run_cli
+from tests.conftest import TINY, read_events, run_cli
 
 
 def train(*args, timeout=600):
@@ -103,10 +101,8 @@ def test_deterministic_with_onednn_on_a_cpu_without_avx512_says_it_cannot_hold(t
     """Where oneDNN's kernels cannot keep --deterministic (docs/resume.md), the run says so in a line."""
     from cmsf_tf import distribute
 
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-m", "cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}",
-                          f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=1", "--deterministic",
-                          "--noknn_eval"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = run_cli("cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}", f"--model_dir={tmp_path / 'run'}", "--epochs=1",
+                  "--steps_per_epoch=1", "--deterministic", "--noknn_eval", env={"TF_ENABLE_ONEDNN_OPTS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     flagged = "warning: --deterministic with TensorFlow's oneDNN CPU kernels" in out.stdout + out.stderr
     assert flagged == distribute.nondeterministic_cpu_kernels(True, distribute.cpu_flags())

@@ -136,6 +136,8 @@ def torch_step(method, net, threads):
 XLA = "cmsf_tf_xla"
 MULTI_CROP = "cmsf_tf_multi_crop"  # cmsf_tf's step with --compare_multi_crop's small crops in the batch
 NO_ONEDNN = "cmsf_tf_no_onednn"  # cmsf_tf's step on TensorFlow's Eigen CPU kernels (--compare_onednn)
+# each variant's row: the key of its ratio to the cmsf_tf row's step
+VARIANT_RATIOS = {XLA: "vs_no_xla", MULTI_CROP: "vs_single_crop", NO_ONEDNN: "vs_onednn"}
 
 
 def machine_busy_seconds():
@@ -169,18 +171,18 @@ def worker(conn, framework, method, net, threads):
             run = tf_step(method, net, dict(threads, jit=True))
         elif framework == MULTI_CROP:
             run = tf_step(method, net, dict(threads, multi_crop=net["multi_crop"]))
-        elif framework == NO_ONEDNN:  # read when TensorFlow starts: this process has not imported it yet
-            os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
-            run = tf_step(method, net, threads)
         else:
-            if framework == "cmsf_tf" and threads.get("onednn"):  # --compare_onednn: this row with them on
-                os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-            run = (tf_step if framework == "cmsf_tf" else torch_step)(method, net, threads)
+            if threads.get("onednn") and framework in ("cmsf_tf", NO_ONEDNN):  # --compare_onednn: off vs on; read
+                os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0" if framework == NO_ONEDNN else "1"  # when TensorFlow starts
+            run = (torch_step if framework == "pytorch" else tf_step)(method, net, threads)
         run(1)  # tracing, allocation, warm-up
         cores = benchlib.machine()["cores"]
+        info = {}
         if framework != "pytorch":
             from cmsf_tf import distribute
-        conn.send(("ready", {} if framework == "pytorch" else {"onednn": distribute.onednn_on()}))
+
+            info["onednn"] = distribute.onednn_on()
+        conn.send(("ready", info))
         while True:
             msg = conn.recv()
             if msg[0] == "run":
@@ -364,14 +366,12 @@ def main(argv=None):
                         row["vs_byol"] = round(r["ms"] / byol[fw], 3)
                     if fw != "pytorch" and "ms" in res.get(("pytorch", method), {}):
                         row["vs_torch"] = round(r["ms"] / res[("pytorch", method)]["ms"], 3)
-                    if fw == MULTI_CROP and "ms" in res.get(("cmsf_tf", method), {}):
-                        row["vs_single_crop"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                    if fw in VARIANT_RATIOS and "ms" in res.get(("cmsf_tf", method), {}):
+                        row[VARIANT_RATIOS[fw]] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                    if "vs_single_crop" in row:
                         print(f"{'':12s} {'':11s} with {net['multi_crop'][0]} small crops of {net['multi_crop'][1]} px: "
                               f"{row['vs_single_crop']:.3f}x the step")
-                    if fw == XLA and "ms" in res.get(("cmsf_tf", method), {}):
-                        row["vs_no_xla"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
-                    if fw == NO_ONEDNN and "ms" in res.get(("cmsf_tf", method), {}):
-                        row["vs_onednn"] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
+                    if "vs_onednn" in row:
                         print(f"{'':12s} {'':11s} oneDNN off: {row['vs_onednn']:.3f}x the step with it on")
                     print(f"{method:12s} {fw:11s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
                           f"{row['images_per_s']:7.1f} {row.get('vs_byol', float('nan')):8.3f} "
