@@ -310,7 +310,8 @@ def _run_prepared(cfg, log, started):
                                             run_dir.rank_histograms if chief else None))
     if chief:
         callbacks.append(ScalarSummaries(logdir, cfg.log_steps, cfg.batch_size))
-    timer = monitor.TrainingTime(run_dir.training_time, step) if chief else None
+    timer = (monitor.TrainingTime(run_dir.training_time, step,
+                                  cpu_kernels="onednn" if distribute.onednn_on() else "eigen") if chief else None)
     if timer is not None:  # last: an epoch's seconds include the epoch-end work before it
         callbacks.append(timer)
 

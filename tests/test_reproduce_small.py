@@ -38,6 +38,7 @@ def test_quick_study_writes_every_run_the_summary_and_the_plot(tmp_path, fmnist_
         assert record["knn10_index_size"] == 51  # percent:10 of the 512-image slice
         assert record["train_wall_time_s"] > 0 and record["train_images_per_s"] > 0
         assert record["train_processes"] == 1 and 0 < record["train_seconds_total"] <= record["train_wall_time_s"]
+        assert record["train_cpu_kernels"] in (["eigen"], ["onednn"])
         assert record["commands"]["train"].startswith("python -m cmsf_tf.train --flagfile=flags/fmnist_")
         # The per-epoch k-NN curve ends at the final k-NN when the subsets are whole.
         assert [point[0] for point in record["knn_curve"]] == [1, 2]
@@ -216,6 +217,14 @@ def test_the_summary_names_the_machines_its_runs_trained_on():
     assert line == ("Summary made on: CPU B, 2 cores. Runs trained on: CPU A, 2 cores (2 runs); "
                     "CPU B, 2 cores (1 run); not recorded (1 run).")
     assert reproduce_small.machines_line([], "CPU B, 2 cores").endswith("Runs trained on: none yet.")
+    # With the CPU kernel sets the runs ran: one per run, "mixed" for a run resumed under the other set.
+    records = [{"machine": "CPU A, 2 cores", "train_cpu_kernels": ["onednn"]},
+               {"machine": "CPU A, 2 cores", "train_cpu_kernels": ["eigen", "onednn"]},
+               {"machine": "CPU A, 2 cores", "train_cpu_kernels": ["eigen"]}, {"machine": "CPU A, 2 cores"},
+               {"machine": "CPU A, 2 cores", "train_cpu_kernels": ["onednn"]}]
+    line = reproduce_small.machines_line(records, "CPU A, 2 cores")
+    assert line.endswith("Runs trained on: CPU A, 2 cores (5 runs). CPU kernels: Eigen (1 run); mixed (1 run); "
+                         "not recorded (1 run); oneDNN (2 runs).")
     assert reproduce_small.machine_name().endswith(" cores")
 
 

@@ -235,6 +235,10 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes(tmp_path, fmnist_sli
     assert (first["first_step"], first["step"], second["first_step"], second["step"]) == (0, step, step, 32)
     assert result["train_seconds_total"] == round(first["seconds"] + second["seconds"], 1)
     assert second["seconds"] < result["train_seconds_total"] <= result["wall_time_s"] + first["seconds"]
+    # Both ran the CPU kernels this process runs (the environment they inherit decides).
+    from cmsf_tf import distribute
+
+    assert result["train_cpu_kernels"] == ["onednn" if distribute.onednn_on() else "eigen"]
 
 
 def test_rerunning_a_finished_run_says_so_and_leaves_its_result(finished, tmp_path, fmnist_slice):
@@ -318,14 +322,14 @@ def test_training_time_sums_the_last_line_of_every_process_and_survives_a_kill(t
 
     path = str(tmp_path / RunDir.TRAINING_TIME)
     now = [100.0]
-    first = monitor.TrainingTime(path, 0, clock=lambda: now[0])
+    first = monitor.TrainingTime(path, 0, clock=lambda: now[0], cpu_kernels="eigen")
     first.set_model(Model(0))
     for epoch, seconds in ((0, 30.0), (1, 61.5)):
         now[0] += seconds
         first.model.train_steps.assign((epoch + 1) * 10)
         first.on_epoch_end(epoch)
     now[0] += 7.0  # trained on after the epoch-2 line, then killed -9: not recorded, and redone
-    second = monitor.TrainingTime(path, 20, clock=lambda: now[0])
+    second = monitor.TrainingTime(path, 20, clock=lambda: now[0], cpu_kernels="onednn")  # resumed with oneDNN on
     second.stretch += "-second"  # the same process id in this test
     second.set_model(Model(20))
     now[0] += 25.0
@@ -334,8 +338,12 @@ def test_training_time_sums_the_last_line_of_every_process_and_survives_a_kill(t
     records = monitor.read_jsonl(path, key="stretch")
     assert [(r["first_step"], r["step"], r["seconds"]) for r in sorted(records, key=lambda r: r["first_step"])] == [
         (0, 20, 91.5), (20, 30, 25.0)]
-    assert monitor.training_time(records) == {"train_seconds_total": 116.5, "train_processes": 2}
+    assert monitor.training_time(records) == {"train_seconds_total": 116.5, "train_processes": 2,
+                                              "train_cpu_kernels": ["eigen", "onednn"]}
     assert monitor.training_time([]) == {}
+    # Lines from before the kernels were recorded count for the time and say nothing of the kernels.
+    old = [{k: v for k, v in r.items() if k != "cpu_kernels"} for r in records]
+    assert monitor.training_time(old) == {"train_seconds_total": 116.5, "train_processes": 2, "train_cpu_kernels": []}
     # A torn last line (killed mid-write) is skipped.
     with open(path, "a") as f:
         f.write('{"stretch": "x", "first_st')

@@ -218,12 +218,27 @@ def machine_name():
     return f"{machine['cpu']}, {machine['cores']} cores"
 
 
+CPU_KERNELS = {("eigen",): "Eigen", ("onednn",): "oneDNN"}  # a run's train_cpu_kernels, as the summary names it
+
+
+def counted(names):
+    """'a (2 runs); b (1 run)': how many records carry each name, sorted by name."""
+    counts = collections.Counter(names)
+    return "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(counts.items()))
+
+
 def machines_line(records, machine):
-    """The summary's sentence on machines: the one it was made on and those its runs trained on (records
-    from before the machine was kept are counted as such)."""
-    counts = collections.Counter(r.get("machine") or "not recorded" for r in records)
-    trained = "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(counts.items()))
-    return f"Summary made on: {machine}. Runs trained on: {trained or 'none yet'}."
+    """The summary's sentence on machines: the one it was made on, those its runs trained on and, where
+    runs recorded them, the CPU kernel sets they ran (oneDNN's or Eigen's: the same step's time differs by
+    up to 1.9x between them, so the minutes column compares runs only within one set). Records from before
+    the machine or the kernels were kept are counted as not recorded."""
+    trained = counted(r.get("machine") or "not recorded" for r in records)
+    line = f"Summary made on: {machine}. Runs trained on: {trained or 'none yet'}."
+    if any(r.get("train_cpu_kernels") for r in records):
+        kernels = (CPU_KERNELS.get(tuple(r["train_cpu_kernels"]), "mixed") if r.get("train_cpu_kernels")
+                   else "not recorded" for r in records)
+        line += f" CPU kernels: {counted(kernels)}."
+    return line
 
 
 def collect(row, seed, model_dir, commands):
@@ -256,7 +271,8 @@ def collect(row, seed, model_dir, commands):
         commit = None
     record.update(train_wall_time_s=result.get("wall_time_s"), train_images_per_s=result.get("train_images_per_s"),
                   train_seconds_total=result.get("train_seconds_total"),
-                  train_processes=result.get("train_processes"), commit=commit, commands=commands,
+                  train_processes=result.get("train_processes"), train_cpu_kernels=result.get("train_cpu_kernels"),
+                  commit=commit, commands=commands,
                   machine=machine_name())
     curve = monitor.read_jsonl(run.knn_curve)
     record["knn_curve"] = [[r["epoch"], r.get("knn_top1_k1"), r.get("knn_top1_k20")] for r in curve]

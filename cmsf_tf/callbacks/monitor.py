@@ -169,14 +169,18 @@ class RankHistograms(keras.callbacks.Callback):
 
 class TrainingTime(keras.callbacks.Callback):
     """The training time of every process of a run, resumed ones included: one JSON line {stretch,
-    first_step, step, seconds} per epoch end and one when this process stops training, `stretch` naming
-    the process. A process killed outright (kill -9) loses at most the time since its last epoch end.
-    Seconds count model.fit with its callbacks; `seconds` is the last recorded (train_images_per_s divides
-    this process's steps by it). Chief only."""
+    first_step, step, seconds, cpu_kernels} per epoch end and one when this process stops training,
+    `stretch` naming the process. A process killed outright (kill -9) loses at most the time since its last
+    epoch end. Seconds count model.fit with its callbacks; `seconds` is the last recorded
+    (train_images_per_s divides this process's steps by it). `cpu_kernels` ("onednn" or "eigen", None where
+    not given) says which of TensorFlow's CPU kernel sets the process ran: on a CPU the same step takes up
+    to 1.9x as long on one as on the other (bench/README.md), so a run's seconds mean little without it.
+    Chief only."""
 
-    def __init__(self, path, first_step, clock=time.monotonic):
+    def __init__(self, path, first_step, clock=time.monotonic, cpu_kernels=None):
         super().__init__()
         self.path, self.first_step, self._clock = path, int(first_step), clock
+        self.cpu_kernels = cpu_kernels
         self.started = clock()
         self.seconds = 0.0
         self.stretch = f"{time.time():.6f}-{os.getpid()}"
@@ -184,7 +188,7 @@ class TrainingTime(keras.callbacks.Callback):
     def record(self, step):
         self.seconds = self._clock() - self.started
         _append_jsonl(self.path, {"stretch": self.stretch, "first_step": self.first_step, "step": int(step),
-                                  "seconds": round(self.seconds, 3)})
+                                  "seconds": round(self.seconds, 3), "cpu_kernels": self.cpu_kernels})
 
     def on_epoch_end(self, epoch, logs=None):
         self.record(global_step(self.model))
@@ -192,9 +196,11 @@ class TrainingTime(keras.callbacks.Callback):
 
 def training_time(records):
     """result.json's totals from TrainingTime's records (read_jsonl(path, key="stretch"): the last line of
-    each process): seconds over every process, steps redone after a kill included, and the number of
-    processes. {} without records."""
+    each process): seconds over every process, steps redone after a kill included, the number of processes,
+    and the CPU kernel sets they ran (sorted; two when a resumed run changed TF_ENABLE_ONEDNN_OPTS; lines
+    written before the kernels were recorded are left out). {} without records."""
     if not records:
         return {}
     return {"train_seconds_total": round(sum(r["seconds"] for r in records), 1),
-            "train_processes": len(records)}
+            "train_processes": len(records),
+            "train_cpu_kernels": sorted({r["cpu_kernels"] for r in records if r.get("cpu_kernels")})}
