@@ -4,6 +4,7 @@ report renders. No timing is asserted (benchmarks report ratios; tests never tim
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -100,10 +101,16 @@ def compared_rows(tmp_path, method, flag, variant, ratio):
     """bench_step --quick timing cmsf_tf's step and `variant`'s (the step that `flag` adds) for `method`: both
     rows timed, and the variant's row holding `ratio`, its ratio to the cmsf_tf step. Returns the rows."""
     results = tmp_path / "results.json"
-    run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", f"--methods={method}", flag,
-             f"--json={results}")
+    printed = run_tool(os.path.join(TOOLS, "bench_step.py"), "--quick", "--no_torch", f"--methods={method}", flag,
+                       f"--json={results}")
     rows = {r["framework"]: r for r in json.loads(results.read_text().splitlines()[-1])["rows"]}
     assert set(rows) == {"cmsf_tf", variant}
+    # The printed table keeps its columns for the variant's longer name: ms/step ends where the header's does.
+    header = next(line for line in printed.splitlines() if line.startswith("method "))
+    for fw in rows:
+        line = next(line for line in printed.splitlines() if line.startswith(f"{method:12s} {fw} "))
+        ms = list(re.finditer(r"\S+", line))[2]  # method, framework, ms/step
+        assert ms.end() == header.index("ms/step") + len("ms/step"), (header, line)
     assert all("error" not in r and r["ms"] > 0 for r in rows.values())
     # (the ratio of the unrounded times; the rows hold them rounded to 0.01 ms)
     assert abs(rows[variant][ratio] - rows[variant]["ms"] / rows["cmsf_tf"]["ms"]) < 2e-3

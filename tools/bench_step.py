@@ -340,12 +340,13 @@ def main(argv=None):
     if args.processes:
         return main_processes(args, frameworks, threads)
     rows = []
+    fw_w = max(len("framework"), *map(len, frameworks))  # the column fits the longest name (cmsf_tf_no_onednn)
     for net_name in args.nets.split(","):
         net = NETS[net_name]
         steps = steps_per_round(args, net_name)
         print(f"\n{net_name}: {net['arch']} width {net['width']}, {net['image_size']} px, batch {net['batch']}, "
               f"bank {net['bank_size']:,}; median of {args.rounds} rounds of {steps} step(s)")
-        print(f"{'method':12s} {'framework':11s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
+        print(f"{'method':12s} {'framework':{fw_w}s} {'ms/step':>9s} {'(min-max)':>15s} {'img/s':>7s} {'vs byol':>8s} "
               f"{'vs torch':>9s} {'RSS MB':>7s}" + (f" {'vs no XLA':>9s}" if args.compare_xla else ""))
         byol = {}
         methods = args.methods.split(",")
@@ -369,16 +370,17 @@ def main(argv=None):
                     if fw in VARIANT_RATIOS and "ms" in res.get(("cmsf_tf", method), {}):
                         row[VARIANT_RATIOS[fw]] = round(r["ms"] / res[("cmsf_tf", method)]["ms"], 3)
                     if "vs_single_crop" in row:
-                        print(f"{'':12s} {'':11s} with {net['multi_crop'][0]} small crops of {net['multi_crop'][1]} px: "
-                              f"{row['vs_single_crop']:.3f}x the step")
+                        n, size = net["multi_crop"][:2]
+                        print(f"{'':12s} {'':{fw_w}s} with {n} small crops of {size} px: {row['vs_single_crop']:.3f}x "
+                              "the step")
                     if "vs_onednn" in row:
-                        print(f"{'':12s} {'':11s} oneDNN off: {row['vs_onednn']:.3f}x the step with it on")
-                    print(f"{method:12s} {fw:11s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
+                        print(f"{'':12s} {'':{fw_w}s} oneDNN off: {row['vs_onednn']:.3f}x the step with it on")
+                    print(f"{method:12s} {fw:{fw_w}s} {r['ms']:9.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} "
                           f"{row['images_per_s']:7.1f} {row.get('vs_byol', float('nan')):8.3f} "
                           f"{row.get('vs_torch', float('nan')):9.3f} {r['rss_mb']:7.0f}"
                           + (f" {row['vs_no_xla']:9.3f}" if "vs_no_xla" in row else ""))
                 else:
-                    print(f"{method:12s} {fw:11s} failed: {r['error']}")
+                    print(f"{method:12s} {fw:{fw_w}s} failed: {r['error']}")
                 rows.append(row)
     return benchlib.emit_json("bench_step", rows, args.json, settings=vars(args),
                               versions=benchlib.versions("tensorflow", "keras", "torch"))
@@ -425,7 +427,8 @@ def main_processes(args, frameworks, threads):
                 row["images_per_s"] = round(net["batch"] / (row["ms"] / 1000), 1)
                 if torch_median and fw != "pytorch":
                     row["vs_torch"] = round(row["ms"] / torch_median, 3)
-                print(f"{fw:11s} median {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), slowest / "
+                print(f"{fw:{max(11, len(fw))}s} median {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), "
+                      "slowest / "
                       f"fastest {row['slowest_vs_fastest']:.3f}, {row['within_15pct_of_fastest']} of {len(ms)} "
                       f"within 15% of the fastest" + (f", median vs torch {row['vs_torch']:.3f}" if "vs_torch" in row
                                                        else ""))
