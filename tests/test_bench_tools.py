@@ -148,13 +148,19 @@ def test_bench_kmeans_quick_and_report(tmp_path):
 
 def test_bench_input_and_knn_quick_and_report(tmp_path):
     results = tmp_path / "results.json"
-    run_tool(os.path.join(TOOLS, "bench_input.py"), "--images=64", "--seconds=0.5", "--rounds=1", f"--json={results}")
+    printed = run_tool(os.path.join(TOOLS, "bench_input.py"), "--images=64", "--seconds=0.5", "--rounds=1",
+                       "--multi_crop=2:32", f"--json={results}")
     run_tool(os.path.join(TOOLS, "bench_knn.py"), "--n=20000", "--queries=50", "--classes=10", "--dim=16",
              f"--json={results}")
     records = {json.loads(line)["tool"]: json.loads(line) for line in results.read_text().splitlines()}
     input_rows = records["bench_input"]["rows"]
-    assert [r["output"] for r in input_rows] == ["uint8", "float32", "float32", "uint8"]
+    assert [r["output"] for r in input_rows] == ["uint8", "float32", "float32", "uint8", "uint8"]
     assert all(r["images_per_s"] > 0 for r in input_rows)
+    # --multi_crop: our pipeline with the small crops, its images/s against ours without (medians, unrounded)
+    small = input_rows[-1]
+    assert small["pipeline"] == "cmsf_tf, uint8 views + 2 small crops of 32 px"
+    assert abs(small["vs_single_crop"] - small["images_per_s"] / input_rows[0]["images_per_s"]) < 2e-3
+    assert f"with 2 small crops of 32 px: {small['vs_single_crop']:.2f}x the images/s without them" in printed
     assert input_rows[0]["vs_reference"] > 0 and input_rows[0]["vs_reference_uint8"] > 0
     assert records["bench_input"]["settings"]["step_normalise_ms_per_image"] > 0
     knn_rows = records["bench_knn"]["rows"]
@@ -165,6 +171,21 @@ def test_bench_input_and_knn_quick_and_report(tmp_path):
     run_tool(os.path.join(TOOLS, "bench_report.py"), f"--results={results}", f"--readme={readme}")
     text = readme.read_text()
     assert "Input pipeline (`tools/bench_input.py`" in text and "| exact (brute force) |" in text
+    assert "| vs without small crops |" in text
+    # The optional column is left out of a table none of whose rows has it (runs without --multi_crop).
+    sys.path.insert(0, TOOLS)
+    import bench_report
+
+    assert bench_report.table([{"a": 1}], [("A", "a"), ("B", "b", "optional")]) == "| A |\n|---|\n| 1 |"
+    assert bench_report.table([{"a": 1}], [("A", "a"), ("B", "b")]) == "| A | B |\n|---|---|\n| 1 | — |"
+
+
+def test_bench_input_refuses_a_bad_small_crop_spec():
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_input.py"), "--multi_crop=6"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["error: --multi_crop '6' is not N:SIZE[:MIN_SCALE:MAX_SCALE] (e.g. 6:96 "
+                                               "or 6:96:0.05:0.14)"]
 
 
 def test_profile_step_quick(tmp_path):

@@ -7,9 +7,12 @@ process, `--reference_python` may name another interpreter, e.g. a venv with tor
 Both sides are measured with the authors' output (float32 ImageNet-normalised CHW/HWC tensors:
 torchvision's ToTensor + Normalize) and with uint8 output (what cmsf_tf's pipeline emits: the train step
 converts and normalises the batch on the accelerator; torchvision's PILToTensor), so the like-for-like
-ratio is printed beside the headline one.
+ratio is printed beside the headline one. `--multi_crop=6:96` adds our pipeline with that many small crops
+per image (the ImageNet spec of docs/multi_crop.md), timed in the same rounds: its images/s against the
+pipeline without them says what the small crops cost the input side (the train step's cost is bench_step's
+--compare_multi_crop).
 
-    python tools/bench_input.py [--images=256 --seconds=10 --rounds=3 --reference_python=PY]
+    python tools/bench_input.py [--images=256 --seconds=10 --rounds=3 --reference_python=PY --multi_crop=6:96]
 """
 
 import argparse
@@ -47,9 +50,10 @@ def make_jpegs(directory, count, seed=0):
     return paths
 
 
-def tf_iterator(paths, batch=32, normalised=False):
+def tf_iterator(paths, batch=32, normalised=False, multi_crop=None):
     """Our training stream on one core. `normalised`: also convert and normalise each batch in the
-    input pipeline (float32 out, the authors' output), instead of leaving it to the train step."""
+    input pipeline (float32 out, the authors' output), instead of leaving it to the train step.
+    `multi_crop`: (n, size, min_scale, max_scale) small crops per image as well."""
     import tensorflow as tf
 
     from cmsf_tf.data import augment, pipeline, sources
@@ -57,7 +61,7 @@ def tf_iterator(paths, batch=32, normalised=False):
     labels = np.zeros(len(paths), np.int32)
     src = sources.FileSource("bench", np.array(paths), labels, np.array(paths[:1]), labels[:1], 1, ("x",))
     ds = pipeline.train_dataset(src, global_batch=batch, image_size=224, seed=0, steps_per_epoch=len(paths) // batch,
-                                start_epoch=0, end_epoch=100_000)
+                                start_epoch=0, end_epoch=100_000, multi_crop=multi_crop)
     if normalised:
         ds = ds.map(augment.model_views)
     options = tf.data.Options()
@@ -198,6 +202,8 @@ def main():
     parser.add_argument("--reference_python", default=sys.executable,
                         help="the interpreter of the reference pipeline (one with torchvision, if any)")
     parser.add_argument("--json", default="", help="append the JSON line to this file")
+    parser.add_argument("--multi_crop", default="", metavar="N:SIZE[:MIN:MAX]",
+                        help="also time our pipeline with N small crops of SIZE px per image (e.g. 6:96)")
     parser.add_argument("--_reference", default="", help=argparse.SUPPRESS)
     parser.add_argument("--_uint8", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,16 +211,27 @@ def main():
         name, rate = reference_round(args._reference, args.seconds, args._uint8)
         print(json.dumps({"name": name, "images_per_s": rate}))
         return
+    from cmsf_tf import config
+    from cmsf_tf.errors import UserError
+
+    try:
+        multi_crop = config.multi_crop_spec(args.multi_crop, 224)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     rates = {"ours_uint8": [], "ours_float": [], "ref_float": [], "ref_uint8": []}
+    if multi_crop:
+        rates["ours_multi_crop"] = []
     ref_name = None
     with tempfile.TemporaryDirectory() as d:
         paths = make_jpegs(d, args.images)
         ours = {"ours_uint8": tf_iterator(paths), "ours_float": tf_iterator(paths, normalised=True)}
+        if multi_crop:
+            ours["ours_multi_crop"] = tf_iterator(paths, multi_crop=multi_crop)
         for _ in range(args.rounds):
             for key, it in ours.items():
                 rates[key].append(time_tf(it, args.seconds))
@@ -235,6 +252,10 @@ def main():
             row("ours_float", "cmsf_tf, normalised float views in tf.data", "float32", True),
             row("ref_float", f"{ref_name}, ToTensor + Normalize (the authors')", "float32"),
             row("ref_uint8", f"{ref_name}, PILToTensor (uint8)", "uint8")]
+    if multi_crop:  # images/s of the images with small crops against those without, both ours in uint8
+        rows.append(dict(row("ours_multi_crop", f"cmsf_tf, uint8 views + {multi_crop[0]} small crops of "
+                                                f"{multi_crop[1]} px", "uint8"),
+                         vs_single_crop=round(med["ours_multi_crop"] / med["ours_uint8"], 3)))
     print(f"two-view 224 px training images/s on one core, {args.images} JPEGs of ~500x375, "
           f"median of {args.rounds} alternating rounds of {args.seconds:g} s:")
     for row in rows:
@@ -242,9 +263,12 @@ def main():
     print(f"  ratio to the authors' pipeline {rows[0]['vs_reference']:.2f}x (target >= 1.5x); uint8 to uint8 "
           f"{rows[0]['vs_reference_uint8']:.2f}x; the train step's uint8 -> normalised float: "
           f"{normalise_ms:.3f} ms per two-view image on one core")
+    if multi_crop:
+        print(f"  with {multi_crop[0]} small crops of {multi_crop[1]} px: {rows[-1]['vs_single_crop']:.2f}x the "
+              "images/s without them")
     benchlib.emit_json("bench_input", rows, args.json,
                        settings={"images": args.images, "seconds": args.seconds, "rounds": args.rounds, "cores": 1,
-                                 "image_size": 224, "reference": ref_name,
+                                 "image_size": 224, "reference": ref_name, "multi_crop": args.multi_crop,
                                  "step_normalise_ms_per_image": round(normalise_ms, 3)})
 
 

@@ -33,9 +33,12 @@ def latest(*paths):
 
 
 def table(rows, columns):
-    head = "| " + " | ".join(title for title, _ in columns) + " |"
+    """A Markdown table of `rows` with `columns` (title, key[, "optional"]): an optional column only where
+    a row has a value in it (bench_input's small-crop ratio, present when it ran with --multi_crop)."""
+    columns = [c for c in columns if len(c) < 3 or any(row.get(c[1]) is not None for row in rows)]
+    head = "| " + " | ".join(c[0] for c in columns) + " |"
     rule = "|" + "---|" * len(columns)
-    body = ["| " + " | ".join(_fmt(row.get(key)) for _, key in columns) + " |" for row in rows]
+    body = ["| " + " | ".join(_fmt(row.get(c[1])) for c in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
 
 
@@ -62,7 +65,8 @@ SECTIONS = (
                    f"normalised float costs {s.get('step_normalise_ms_per_image', 0):.2f} ms per two-view image "
                    "on one core of this CPU, nothing on an accelerator):"),
      [("pipeline", "pipeline"), ("output", "output"), ("images/s", "images_per_s"), ("min", "min"), ("max", "max"),
-      ("vs the authors'", "vs_reference"), ("vs torchvision uint8", "vs_reference_uint8")]),
+      ("vs the authors'", "vs_reference"), ("vs torchvision uint8", "vs_reference_uint8"),
+      ("vs without small crops", "vs_single_crop", "optional")]),
     ("bench_knn",
      lambda r, s: (f"k-NN retrieval (`tools/bench_knn.py`, {r['time']}: {s['n']:,} x {s['dim']} index, "
                    f"{s['queries']:,} queries, {s['classes']:,} classes, 20-NN majority vote):"),
