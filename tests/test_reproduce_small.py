@@ -85,6 +85,12 @@ def test_ordering_verdicts_against_the_seed_spread():
     text, _ = reproduce_small.ordering_verdict("b", "a", "m", rows)
     assert text.startswith("does not hold")
     assert reproduce_small.ordering_verdict("a", "missing", "m", rows)[0] == "not measured yet"
+    # One seed of one row: inside the other row's spread the gap is not resolved; outside it, unknown.
+    rows.update(one=[{"m": 0.905}], far=[{"m": 0.95}])
+    text, _ = reproduce_small.ordering_verdict("one", "a", "m", rows)
+    assert text.endswith("one seed of one row, the gap within the other's seed spread (1.4): not resolved")
+    assert reproduce_small.ordering_verdict("far", "a", "m", rows)[0].endswith("one seed: spread unknown")
+    assert reproduce_small.ordering_verdict("one", "far", "m", rows)[0].endswith("one seed: spread unknown")
 
 
 def test_multi_crop_table_pairs_seeds_and_lists_only_present_pairs():

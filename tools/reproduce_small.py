@@ -362,7 +362,9 @@ def by_row(records):
 
 def ordering_verdict(better, worse, metric, rows):
     """One sentence: whether the mean of `better` exceeds `worse` on `metric`, by how much, and whether
-    the gap exceeds the seed spread (the larger standard deviation of the two rows)."""
+    the gap exceeds the seed spread (the larger standard deviation of the two rows). With one seed of a
+    row the spread is unknown, unless the other row's seeds already spread wider than the gap: a gap
+    inside one row's spread is not resolved whatever the other's."""
     a = [r.get(metric) for r in rows.get(better, [])]
     b = [r.get(metric) for r in rows.get(worse, [])]
     (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
@@ -370,7 +372,9 @@ def ordering_verdict(better, worse, metric, rows):
         return "not measured yet", None
     gap, spread = 100 * (ma - mb), 100 * max(sa, sb)
     n = min(len([v for v in a if v is not None]), len([v for v in b if v is not None]))
-    if n < 2:
+    if n == 1 and 0 < spread and abs(gap) <= spread:
+        resolved = f"one seed of one row, the gap within the other's seed spread ({spread:.1f}): not resolved"
+    elif n < 2:
         resolved = "one seed: spread unknown"
     elif abs(gap) > 2 * spread:
         resolved = f"beyond twice the seed spread ({spread:.1f})"
