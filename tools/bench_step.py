@@ -140,6 +140,11 @@ NO_ONEDNN = "cmsf_tf_no_onednn"  # cmsf_tf's step on TensorFlow's Eigen CPU kern
 VARIANT_RATIOS = {XLA: "vs_no_xla", MULTI_CROP: "vs_single_crop", NO_ONEDNN: "vs_onednn"}
 
 
+def framework_width(frameworks):
+    """The width of the printed framework column: 11 as it always was, wider for a longer name (cmsf_tf_no_onednn)."""
+    return max(11, *map(len, frameworks))
+
+
 def machine_busy_seconds():
     """CPU seconds the whole machine has spent busy (every core, every process), or None off Linux."""
     try:
@@ -340,7 +345,7 @@ def main(argv=None):
     if args.processes:
         return main_processes(args, frameworks, threads)
     rows = []
-    fw_w = max(len("framework"), *map(len, frameworks))  # the column fits the longest name (cmsf_tf_no_onednn)
+    fw_w = framework_width(frameworks)
     for net_name in args.nets.split(","):
         net = NETS[net_name]
         steps = steps_per_round(args, net_name)
@@ -398,6 +403,7 @@ def process_spread(per_process):
 def main_processes(args, frameworks, threads):
     """--processes: a fresh process per (framework, repetition); rows with every process's ms/step."""
     rows = []
+    fw_w = framework_width(frameworks)
     for net_name in args.nets.split(","):
         net = NETS[net_name]
         steps = steps_per_round(args, net_name)
@@ -427,8 +433,7 @@ def main_processes(args, frameworks, threads):
                 row["images_per_s"] = round(net["batch"] / (row["ms"] / 1000), 1)
                 if torch_median and fw != "pytorch":
                     row["vs_torch"] = round(row["ms"] / torch_median, 3)
-                print(f"{fw:{max(11, len(fw))}s} median {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), "
-                      "slowest / "
+                print(f"{fw:{fw_w}s} median {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), slowest / "
                       f"fastest {row['slowest_vs_fastest']:.3f}, {row['within_15pct_of_fastest']} of {len(ms)} "
                       f"within 15% of the fastest" + (f", median vs torch {row['vs_torch']:.3f}" if "vs_torch" in row
                                                        else ""))
