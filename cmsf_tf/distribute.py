@@ -33,6 +33,20 @@ def nondeterministic_cpu_kernels(onednn, flags):
     return bool(onednn) and flags is not None and "avx512f" not in flags
 
 
+def eigen_kernels_hint(onednn, flags, env_value):
+    """A start-up note for runs that do not need bit-exactness, or None: where TensorFlow left its oneDNN kernels
+    off on an x86 CPU (it turns them on by itself only with AVX-512 VNNI/BF16 or AMX) and the user has not
+    chosen either way, TF_ENABLE_ONEDNN_OPTS=1 is the largest speed lever there is on a CPU host: on a 2-core
+    AMD EPYC it made the train step 1.5-1.9x and our input pipeline 2.0x as fast (bench/README.md). The
+    library does not set it itself: the variable must be set before TensorFlow loads, and on a CPU without
+    AVX-512 it costs --deterministic (docs/resume.md)."""
+    if onednn or flags is None or env_value not in (None, ""):
+        return None
+    return ("note: TensorFlow runs its Eigen CPU kernels on this CPU; TF_ENABLE_ONEDNN_OPTS=1 made training "
+            "1.5-2x as fast on such a CPU (docs/resume.md)"
+            + ("" if "avx512f" in flags else ", at the cost of bit-exact --deterministic runs"))
+
+
 def configure_cpu_devices(n):
     """Split the CPU into n logical devices (for testing multi-replica code without accelerators).
 

@@ -217,6 +217,11 @@ def _run_prepared(cfg, log, started):
         if distribute.nondeterministic_cpu_kernels(distribute.onednn_on(), distribute.cpu_flags()):
             log("warning: --deterministic with TensorFlow's oneDNN CPU kernels on a CPU without AVX-512: identical "
                 "runs differ there (docs/resume.md); unset TF_ENABLE_ONEDNN_OPTS for bit-exact runs and resumes")
+    else:
+        hint = distribute.eigen_kernels_hint(distribute.onednn_on(), distribute.cpu_flags(),
+                                             os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+        if hint:
+            log(hint)
     if cfg.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(f"mixed_{cfg.mixed_precision}")
 

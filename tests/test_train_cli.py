@@ -106,6 +106,23 @@ def test_deterministic_with_onednn_on_a_cpu_without_avx512_says_it_cannot_hold(t
     assert out.returncode == 0, out.stderr[-3000:]
     flagged = "warning: --deterministic with TensorFlow's oneDNN CPU kernels" in out.stdout + out.stderr
     assert flagged == distribute.nondeterministic_cpu_kernels(True, distribute.cpu_flags())
+    assert "note: TensorFlow runs its Eigen CPU kernels" not in out.stdout + out.stderr
+
+
+def test_a_run_on_eigen_kernels_of_an_x86_cpu_names_the_faster_kernels(tmp_path, fmnist_slice):
+    """Without --deterministic and without TF_ENABLE_ONEDNN_OPTS (empty is TensorFlow's default), a run that
+    TensorFlow put on Eigen's kernels says in one line that oneDNN's are faster; a run that chose says nothing."""
+    from cmsf_tf import distribute
+
+    for value in ("", "0"):
+        run = tmp_path / f"run{value}"
+        out = run_cli("cmsf_tf.train", *TINY, f"--data_dir={fmnist_slice}", f"--model_dir={run}", "--epochs=1",
+                      "--steps_per_epoch=1", "--noknn_eval", env={"TF_ENABLE_ONEDNN_OPTS": value})
+        assert out.returncode == 0, out.stderr[-3000:]
+        noted = [line for line in (out.stdout + out.stderr).splitlines() if "TF_ENABLE_ONEDNN_OPTS=1" in line]
+        kernels = json.loads((run / "result.json").read_text())["train_cpu_kernels"]
+        expected = value == "" and kernels == ["eigen"] and distribute.cpu_flags() is not None
+        assert len(noted) == int(expected), (value, kernels, noted)
 
 
 def one_device_and_two_replicas(tmp_path, fmnist_slice, *flags):

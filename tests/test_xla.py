@@ -219,6 +219,20 @@ def test_deterministic_runs_are_flagged_where_the_cpu_kernels_cannot_keep_them()
     assert isinstance(distribute.onednn_on(), bool)
 
 
+def test_runs_on_eigen_kernels_of_an_x86_cpu_are_told_of_onednn_unless_the_user_chose():
+    """TF_ENABLE_ONEDNN_OPTS=1 doubled training speed on a CPU where TensorFlow leaves it off (docs/resume.md):
+    say so once, but not where oneDNN already runs, off x86, or where the user set the variable either way."""
+    avx2, avx512 = {"sse4_2", "avx", "avx2", "fma"}, {"avx2", "avx512f"}
+    note = distribute.eigen_kernels_hint(False, avx2, None)
+    assert note.startswith("note: ") and "TF_ENABLE_ONEDNN_OPTS=1" in note and "\n" not in note
+    assert "--deterministic" in note  # without AVX-512 it costs bit-exact runs ...
+    assert "--deterministic" not in distribute.eigen_kernels_hint(False, avx512, "")  # ... with it, not
+    assert distribute.eigen_kernels_hint(True, avx2, None) is None
+    assert distribute.eigen_kernels_hint(True, avx2, "1") is None
+    assert distribute.eigen_kernels_hint(False, avx2, "0") is None
+    assert distribute.eigen_kernels_hint(False, None, None) is None
+
+
 def test_auto_compiles_under_tpu_and_on_one_gpu_only():
     gpu = bool(tf.config.list_logical_devices("GPU"))
     assert distribute.resolve_jit_compile("auto", "tpu") is True
