@@ -285,7 +285,15 @@ def _run_prepared(cfg, log, started):
         with open(result_path) as f:
             return json.load(f)
     if step:
-        log(f"resumed from {latest} (step {step}, epoch {step // steps_per_epoch + 1})")
+        epoch, done = divmod(step, steps_per_epoch)
+        # fit_epochs finishes a part-done epoch in a model.fit of its own, which Keras's progress line counts
+        # as the last epoch ("Epoch 5/5" in a 20-epoch run): say so, lest it read as the end of training.
+        rest = ""
+        if done and epoch + 1 < cfg.epochs:
+            after = f"epoch {cfg.epochs}" if epoch + 2 == cfg.epochs else f"epochs {epoch + 2}-{cfg.epochs}"
+            rest = (f"; Keras shows the rest of epoch {epoch + 1} as 'Epoch {epoch + 1}/{epoch + 1}', then {after} "
+                    f"as 'Epoch n/{cfg.epochs}'")
+        log(f"resumed from {latest} (step {step}, epoch {epoch + 1} of {cfg.epochs}){rest}")
 
     guard = DivergenceGuard()
     saver = CheckpointSaver(manager, every=cfg.checkpoint_steps, stop_after=cfg.stop_after_steps, saved_step=step)

@@ -56,7 +56,9 @@ def test_a_deleted_newest_index_resumes_from_the_previous_checkpoint(finished, t
     out = resume(d, fmnist_slice)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "warning: skipped ckpt-8: its .index file is missing" in out.stdout
-    assert "resumed from" in out.stdout and "(step 6, epoch 2)" in out.stdout  # not a fresh start
+    assert "resumed from" in out.stdout and "(step 6, epoch 2 of 3)" in out.stdout  # not a fresh start
+    # mid-epoch: Keras's progress line counts the rest of epoch 2 as the last epoch of its own model.fit
+    assert "Keras shows the rest of epoch 2 as 'Epoch 2/2', then epoch 3 as 'Epoch n/3'" in out.stdout
     assert (d / "checkpoints" / "damaged" / "ckpt-8.data-00000-of-00001").exists()
     assert json.loads((d / "result.json").read_text())["steps"] == 12
     assert checkpoints(d) == [8, 10, 12]
@@ -275,7 +277,7 @@ def test_deterministic_runs_of_the_demo_network_are_bit_identical_and_so_is_a_re
                         ("c", ("--checkpoint_steps=4",))):
         out = run_cli("cmsf_tf.train", *flags, f"--model_dir={tmp_path / name}", *extra)
         assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed from" in out.stdout and "(step 5, epoch 1)" in out.stdout
+    assert "resumed from" in out.stdout and "(step 5, epoch 1 of 2);" in out.stdout
     states = []
     for name in "abc":
         reader = tf.train.load_checkpoint(str(tmp_path / name / "checkpoints"))
