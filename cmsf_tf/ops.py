@@ -114,19 +114,25 @@ def mean_shift_loss(queries, bank, indices):
     return tf.reduce_mean(2.0 - 2.0 * sims)
 
 
-def query_views_loss(query_views, bank, sets):
-    """Scalar: the mean over query views of the weighted mean-shift loss sum_w w * mean_shift_loss.
+def view_group_losses(query_views, bank, sets):
+    """[scalar per group]: each group's weighted mean-shift loss sum_w w * mean_shift_loss, averaged over its
+    queries.
 
     `query_views`: [(n_v, [B * n_v, D] queries)], n_v (a Python int) views per image, image-major (the
     strong view: n_v = 1; --multi_crop's small crops: n_v = n), every view of image b pulled towards image
-    b's neighbour sets `sets` [(w, int[B, k])]. Each view counts once: sum_v n_v * loss_v / sum_v n_v, the
-    plain mean of the per-view losses."""
+    b's neighbour sets `sets` [(w, int[B, k])]."""
+    return [tf.add_n([w * mean_shift_loss(queries, bank, idx if n == 1 else tf.repeat(idx, n, axis=0))
+                      for w, idx in sets])
+            for n, queries in query_views]
+
+
+def mean_over_views(views_per_group, group_losses):
+    """Scalar: the plain mean of the per-view losses, each view counted once: sum_g n_g * loss_g / sum_g n_g
+    (one group of one view: its loss, untouched)."""
     total = None
-    for n, queries in query_views:
-        loss = tf.add_n([w * mean_shift_loss(queries, bank, idx if n == 1 else tf.repeat(idx, n, axis=0))
-                         for w, idx in sets])
+    for n, loss in zip(views_per_group, group_losses):
         total = n * loss if total is None else total + n * loss
-    views = sum(n for n, _ in query_views)
+    views = sum(views_per_group)
     return total if views == 1 else total / views
 
 

@@ -75,6 +75,23 @@ def test_loss_decreases_on_a_fixed_batch():
     assert np.mean(history[-5:]) < 0.7 * np.mean(history[:5]), history
 
 
+def test_multi_crop_logs_the_loss_of_each_kind_of_view_and_their_mean_over_views():
+    """--multi_crop: `loss` is the mean over the 1 + n query views; loss_strong and loss_small (the small
+    crops' mean) are logged beside it, and only where small crops come in."""
+    rng = np.random.default_rng(0)
+    src = sources.InMemorySource("random", rng.integers(0, 255, (BATCH, SIZE, SIZE, 3), np.uint8),
+                                 rng.integers(0, 4, BATCH).astype(np.int32), None, None, 4)
+    n = 3
+    ds = pipeline.train_dataset(src, global_batch=BATCH, image_size=SIZE, seed=0, steps_per_epoch=1,
+                                start_epoch=0, end_epoch=1, multi_crop=(n, 8, 0.05, 0.14))
+    history = fit_steps(tiny("cmsf_sup"), next(iter(ds)), 1)
+    strong, small = history["loss_strong"][0], history["loss_small"][0]
+    assert strong != small
+    np.testing.assert_allclose(history["loss"][0], (strong + n * small) / (1 + n), rtol=1e-5)
+    plain = fit_steps(tiny("cmsf_sup"), fixed_batch(), 1)
+    assert "loss_strong" not in plain and "loss_small" not in plain and "loss" in plain
+
+
 def test_byol_equals_msf_with_k1():
     batch = fixed_batch()
     byol, msf = tiny("byol", topk=5), tiny("msf", topk=1)

@@ -243,9 +243,13 @@ def test_query_views_loss_is_the_mean_of_the_per_view_losses():
         return sum(w * np.mean(2 - 2 * np.einsum("bd,bkd->bk", q, bank[idx])) for w, idx in sets)
 
     want = np.mean([view_loss(strong)] + [view_loss(small[:, v]) for v in range(n)])
-    got = ops.query_views_loss([(1, tf.constant(strong)), (n, tf.constant(small.reshape(b * n, d)))],
-                               tf.constant(bank), [(w, tf.constant(i)) for w, i in sets])
-    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    groups = ops.view_group_losses([(1, tf.constant(strong)), (n, tf.constant(small.reshape(b * n, d)))],
+                                   tf.constant(bank), [(w, tf.constant(i)) for w, i in sets])
+    # per group (what --multi_crop logs as loss_strong and loss_small): the strong view's, the small crops' mean
+    np.testing.assert_allclose([float(g) for g in groups],
+                               [view_loss(strong), np.mean([view_loss(small[:, v]) for v in range(n)])], rtol=1e-5)
+    np.testing.assert_allclose(float(ops.mean_over_views([1, n], groups)), want, rtol=1e-5)
     # One view alone is the plain weighted loss, untouched (a run without small crops is unchanged).
-    alone = ops.query_views_loss([(1, tf.constant(strong))], tf.constant(bank), [(w, tf.constant(i)) for w, i in sets])
+    alone = ops.mean_over_views([1], ops.view_group_losses([(1, tf.constant(strong))], tf.constant(bank),
+                                                           [(w, tf.constant(i)) for w, i in sets]))
     np.testing.assert_allclose(float(alone), view_loss(strong), rtol=1e-6)

@@ -93,6 +93,10 @@ class TrainingPlumbing:
         return logs
 
 
+# The loss of each group of query views under --multi_crop (ops.view_group_losses's order): the strong view's,
+# and the mean over the small crops'. The logged `loss` is their mean over views, (strong + n * small) / (1 + n).
+VIEW_LOSS_NAMES = ("loss_strong", "loss_small")
+
 # Queries of each replica batch whose constrained neighbours are ranked in the unconstrained order
 # (ranking costs B x k x K comparisons; a sample keeps the metric cheap).
 RANK_SAMPLE = 32
@@ -168,6 +172,8 @@ class MeanShift(TrainingPlumbing, keras.Model):
         self.unconstrained_purity_tracker = keras.metrics.Mean(name="purity_unconstrained")
         self.rank_tracker = RankHistogram(name="constrained_rank")
         self.extra_trackers = {name: keras.metrics.Mean(name=name) for name in self.extra_metric_names}
+        # --multi_crop: the loss of each kind of query view, logged only where small crops come in.
+        self.view_loss_trackers = {name: keras.metrics.Mean(name=name) for name in VIEW_LOSS_NAMES}
         self._copy_online_to_target()
         self.built = True  # every weight exists now; custom-train_step models are otherwise never marked built
 
@@ -198,7 +204,8 @@ class MeanShift(TrainingPlumbing, keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker, self.purity_tracker, self.label_purity_tracker,
-                self.unconstrained_purity_tracker, self.rank_tracker, *self.extra_trackers.values()]
+                self.unconstrained_purity_tracker, self.rank_tracker, *self.extra_trackers.values(),
+                *self.view_loss_trackers.values()]
 
     # ----- forward passes -----
     def call(self, images, training=False):
@@ -266,7 +273,8 @@ class MeanShift(TrainingPlumbing, keras.Model):
             if "small" in batch:  # --multi_crop: [B, n, s, s, 3], one forward pass (and BatchNorm batch) for all
                 small = batch["small"]
                 query_views.append((small.shape[1], self.online_prediction(tf.reshape(small, [-1, *small.shape[2:]]))))
-            loss = ops.query_views_loss(query_views, bank, sets)
+            view_losses = ops.view_group_losses(query_views, bank, sets)
+            loss = ops.mean_over_views([n for n, _ in query_views], view_losses)
             scaled = self._scaled_total(loss, variables)
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self._ema_update()
@@ -289,6 +297,10 @@ class MeanShift(TrainingPlumbing, keras.Model):
             logs["purity_unconstrained"] = self.unconstrained_purity_tracker.result()
             self.rank_tracker.update_state(ops.ranks_in_order(sims[:RANK_SAMPLE], sets[0][1][:RANK_SAMPLE]))
             logs["constrained_rank"] = self.rank_tracker.result()
+        if len(view_losses) > 1:
+            for name, value in zip(VIEW_LOSS_NAMES, view_losses):
+                self.view_loss_trackers[name].update_state(value)
+                logs[name] = self.view_loss_trackers[name].result()
         for name, value in self.extra_metrics(batch, targets, sims, sets).items():
             self.extra_trackers[name].update_state(value)
             logs[name] = self.extra_trackers[name].result()
