@@ -21,10 +21,10 @@ same way as every other run, with the commands recorded in its JSON:
                                semi10_lr01_top1 the same with lr 0.01 (SEMI_LR_ROWS): 6,000 images make
                                24 steps an epoch, where the paper's 128,000 make 500
 
-A finished run is written to <out>/<row>_s<seed>.json and skipped afterwards. Then <out>/summary.md
-(tables, the paper's orderings read against the seed spread, diagnostics) and <out>/summary.png
-(k-NN per epoch, final accuracy per seed, histograms of the constrained neighbours' ranks) are rebuilt
-from every JSON there. Raw-pixel floors of the same protocols are in <out>/floors.json.
+A finished run is written to <out>/<row>_s<seed>.json and skipped afterwards. After each run (so a study
+stopped halfway leaves them current) <out>/summary.md (tables, the study's orderings read against the seed
+spread, diagnostics) and <out>/summary.png (k-NN per epoch, final accuracy per seed, histograms of the
+constrained neighbours' ranks) are rebuilt from every JSON there, for the whole study whatever --rows says. Raw-pixel floors of the same protocols are in <out>/floors.json.
 """
 
 import argparse
@@ -720,6 +720,20 @@ def main():
     # One worker process per run (a crash costs that run only); --quick: one for all (TensorFlow starts once).
     groups = [pending] if args.quick and pending else [[p] for p in pending]
     failed, done = [], len(plan) - len(pending)
+    # The summary describes the study, whichever of its rows this call trains (--rows=X alone must not drop
+    # the comparisons of rows still to come), and is rebuilt after every run, so a study stopped halfway
+    # leaves one that is up to date.
+    study_rows = list(dict.fromkeys([*study["rows"], *rows]))
+
+    def refresh():
+        records = load_records(args.out)
+        floor = floors(args.data_dir, args.out) if not args.quick else None
+        write_summary(records, floor, args.out, machine_name(), args.study, study_rows)
+        write_plot(records, floor, args.out)
+        if args.readme:
+            write_readme_block(args.readme, records, floor, len(plan), rows)
+        return records
+
     shown_runs = os.path.relpath(os.path.abspath(args.runs), ROOT)
     if shown_runs.startswith(".."):  # outside the checkout: named as if under runs/
         shown_runs = os.path.join("runs", os.path.basename(os.path.abspath(args.runs)))
@@ -752,12 +766,9 @@ def main():
             done += 1
             print(f"  {name}: 20-NN {100 * record['knn_top1_k20']:.1f}%, linear {100 * record.get('linear_top1', 0):.1f}% "
                   f"({(time.time() - started) / 60:.1f} min)", flush=True)
-    records = load_records(args.out)
-    floor = floors(args.data_dir, args.out) if not args.quick else None
-    write_summary(records, floor, args.out, machine_name(), args.study, rows)
-    write_plot(records, floor, args.out)
-    if args.readme:
-        write_readme_block(args.readme, records, floor, len(plan), rows)
+        if group is not groups[-1]:
+            refresh()
+    records = refresh()
     print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.png ({len(records)} runs)")
     if failed:
         sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
