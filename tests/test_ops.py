@@ -228,7 +228,7 @@ def test_chunked_top_k_bfloat16_index_and_empty_batch():
     assert empty_sims.shape == (0, 4) and empty_ids.shape == (0, 4)
 
 
-def test_query_views_loss_is_the_mean_of_the_per_view_losses():
+def test_the_multi_crop_loss_is_the_mean_of_the_per_view_losses():
     """--multi_crop's loss: every query view (the strong view, each small crop) pulled towards its image's
     weighted neighbour sets, each view's loss averaged over the batch, then the views averaged (NumPy)."""
     rng = np.random.default_rng(0)
