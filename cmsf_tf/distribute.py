@@ -44,7 +44,7 @@ def eigen_kernels_hint(onednn, flags, env_value):
         return None
     return ("note: TensorFlow runs its Eigen CPU kernels on this CPU; TF_ENABLE_ONEDNN_OPTS=1 made training "
             "1.5-2x as fast on such a CPU (docs/resume.md)"
-            + ("" if "avx512f" in flags else ", at the cost of bit-exact --deterministic runs"))
+            + (", at the cost of bit-exact --deterministic runs" if nondeterministic_cpu_kernels(True, flags) else ""))
 
 
 def configure_cpu_devices(n):

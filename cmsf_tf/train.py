@@ -212,14 +212,14 @@ def _run_prepared(cfg, log, started):
     from cmsf_tf.callbacks.summaries import ScalarSummaries
 
     keras.utils.set_random_seed(cfg.seed)
+    onednn, cpu_flags = distribute.onednn_on(), distribute.cpu_flags()
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-        if distribute.nondeterministic_cpu_kernels(distribute.onednn_on(), distribute.cpu_flags()):
+        if distribute.nondeterministic_cpu_kernels(onednn, cpu_flags):
             log("warning: --deterministic with TensorFlow's oneDNN CPU kernels on a CPU without AVX-512: identical "
                 "runs differ there (docs/resume.md); unset TF_ENABLE_ONEDNN_OPTS for bit-exact runs and resumes")
     else:
-        hint = distribute.eigen_kernels_hint(distribute.onednn_on(), distribute.cpu_flags(),
-                                             os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+        hint = distribute.eigen_kernels_hint(onednn, cpu_flags, os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
         if hint:
             log(hint)
     if cfg.mixed_precision != "float32":

@@ -24,7 +24,8 @@ same way as every other run, with the commands recorded in its JSON:
 A finished run is written to <out>/<row>_s<seed>.json and skipped afterwards. After each run (so a study
 stopped halfway leaves them current) <out>/summary.md (tables, the study's orderings read against the seed
 spread, diagnostics) and <out>/summary.png (k-NN per epoch, final accuracy per seed, histograms of the
-constrained neighbours' ranks) are rebuilt from every JSON there, for the whole study whatever --rows says. Raw-pixel floors of the same protocols are in <out>/floors.json.
+constrained neighbours' ranks) are rebuilt from every JSON there, for the whole study whatever --rows
+says. Raw-pixel floors of the same protocols are in <out>/floors.json.
 """
 
 import argparse
